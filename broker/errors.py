@@ -4,6 +4,7 @@ Every error the project raises on purpose derives from :class:`RealIPError`::
 
     RealIPError
     ├── ConfigError              invalid settings; carries every problem with its path
+    ├── EngineError              the MQTT engine (amqtt) is not the one we were written for, or failed
     ├── AddressError             a client address could not be learned safely
     │   ├── ProxyProtocolError   a PROXY protocol v1/v2 header is malformed or refused
     │   └── ForwardedHeaderError an X-Forwarded-For / X-Real-IP / Forwarded header is malformed
@@ -43,6 +44,10 @@ class ConfigError(RealIPError):
         where = f"{source}: " if source else ""
         lines = "\n".join(f"  {problem}" for problem in self.problems)
         super().__init__(f"{where}{len(self.problems)} configuration error(s):\n{lines}")
+
+
+class EngineError(RealIPError):
+    """The MQTT engine is missing, of another version than the one pinned, or failed to start."""
 
 
 class AddressError(RealIPError):

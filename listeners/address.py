@@ -10,14 +10,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class AddressSource(str, Enum):
+class AddressSource(StrEnum):
     """How the client's address was learned."""
 
     SOCKET = "socket"
@@ -26,9 +26,6 @@ class AddressSource(str, Enum):
     X_FORWARDED_FOR = "x_forwarded_for"
     X_REAL_IP = "x_real_ip"
     FORWARDED = "forwarded"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def normalize_ip(text: str) -> str:

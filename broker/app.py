@@ -1,0 +1,113 @@
+"""The broker process: the engine, one listener per configured listener, and an orderly stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from broker.engine import Engine
+from broker.errors import RealIPError
+from broker.settings import ListenerSettings, Settings
+from listeners.address import format_hostport
+from listeners.tcp import TcpListener
+from listeners.websocket import WebSocketListener
+
+logger = logging.getLogger(__name__)
+
+Listener = TcpListener | WebSocketListener
+
+
+class StartupError(RealIPError):
+    """The broker could not start (a port in use, an address not local...)."""
+
+
+def make_listener(settings: ListenerSettings, engine: Engine) -> Listener:
+    """The listener object for one configured listener."""
+    if settings.type == "ws":
+        return WebSocketListener(settings, engine.serve)
+    return TcpListener(settings, engine.serve)
+
+
+class BrokerApp:
+    """Start, run and stop the whole broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(connect_timeout=settings.mqtt.idle_timeout)
+        self.listeners: list[Listener] = [
+            make_listener(listener, self.engine) for listener in settings.enabled_listeners()
+        ]
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start the engine, then every listener.
+
+        Raises:
+            StartupError: a listener cannot bind; what was started is stopped again.
+            EngineError: the engine cannot start.
+        """
+        await self.engine.start([listener.id for listener in self.listeners])
+        for listener in self.listeners:
+            try:
+                await listener.start()
+            except OSError as exc:
+                await self.stop()
+                path = f"listeners.{listener.settings.type}.{listener.settings.name}.bind"
+                raise StartupError(
+                    f"{path}: cannot listen on {listener.settings.bind}: {exc.strerror}"
+                ) from None
+            for host, port in listener.addresses():
+                logger.info(
+                    "listener %s on %s (proxy_protocol=%s)",
+                    listener.id,
+                    format_hostport(host, port),
+                    listener.settings.proxy_protocol.value,
+                )
+        logger.info("realip-broker ready: %s", self.ready_summary())
+
+    def ready_summary(self) -> str:
+        """``tcp:default=0.0.0.0:1883 ws:default=0.0.0.0:8083``: what tests and operators wait for."""
+        return " ".join(
+            f"{listener.id}={format_hostport(host, port)}"
+            for listener in self.listeners
+            for host, port in listener.addresses()[:1]
+        )
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (signal handlers call this)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then stop.
+
+        Raises:
+            StartupError, EngineError: as :meth:`start`.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            await self.start()
+            await self._stopping.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await self.stop()
+
+    def _on_signal(self, signum: int) -> None:
+        logger.info("%s received: stopping", signal.Signals(signum).name)
+        self.request_stop()
+
+    async def stop(self) -> None:
+        """Stop accepting, disconnect every client, drop what is left. Safe to call twice."""
+        for listener in self.listeners:
+            listener.stop_accepting()
+        await self.engine.shutdown()
+        for listener in self.listeners:
+            listener.abort_connections()
+        # Let the connection tasks see their sockets close before the loop ends.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        logger.info("realip-broker stopped")

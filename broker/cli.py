@@ -1,0 +1,100 @@
+"""``realip-broker``: serve, check-config, --version.
+
+Exit codes: 0 success; 1 the broker failed at run time (a port in use...); 2 bad usage or an
+invalid configuration (every problem is printed with its path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from broker import __version__
+from broker.errors import ConfigError, RealIPError
+from broker.settings import Settings, default_settings, dump_settings, load_settings_file
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="realip-broker",
+        description="An MQTT broker that knows each client's real address behind load balancers.",
+    )
+    parser.add_argument("--version", action="version", version=f"realip-broker {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker in the foreground")
+    serve.add_argument("--config", metavar="FILE", help="YAML settings (default: the embedded defaults)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+
+    check = commands.add_parser(
+        "check-config", help="validate a settings file and print the effective config"
+    )
+    check.add_argument("file", metavar="FILE")
+    return parser
+
+
+def configure_logging(level_name: str) -> None:
+    """Log to stderr; amqtt's own chatter only at debug level."""
+    level = getattr(logging, level_name.upper())
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    quiet = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+    for name in ("amqtt", "transitions", "websockets"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+def _load(path: str | None) -> Settings:
+    return default_settings() if path is None else load_settings_file(path)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Print the effective config (exit 0) or every problem with its path (exit 2)."""
+    try:
+        settings = _load(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    print(f"# {args.file}: valid; the effective configuration follows")
+    print(yaml.safe_dump(dump_settings(settings), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the broker until SIGTERM/SIGINT."""
+    configure_logging(args.log_level)
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    from broker.app import BrokerApp  # imports amqtt: only when serving
+
+    try:
+        asyncio.run(BrokerApp(settings).run())
+    except RealIPError as exc:
+        logging.getLogger("broker").error("%s", exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``realip-broker`` command."""
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "check-config": cmd_check_config}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The MQTT engine: amqtt, and every use of its internals in the project.
+
+Written against **amqtt 0.12.1** exactly (pinned in pyproject.toml). Nothing else in the project
+imports amqtt; :func:`check_amqtt_version` refuses to start on any other version, because what is
+used here (``Broker.external_connected``, the adapter ABCs, ``Broker.sessions``, plugin loading by
+dotted path) is not a stable API. ``tests/unit/test_engine_pin.py`` fails loudly if the installed
+amqtt changes under us.
+
+Connections arrive through :meth:`Engine.serve`, the one function listeners call: a
+:class:`~listeners.connection.Connection` and the :class:`~listeners.address.ClientAddress`
+the listener learned. amqtt sees that address as the peer (``get_peer_info``), so its own logs
+and its sessions carry the real client, never the load balancer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import amqtt
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+from broker.errors import EngineError
+
+if TYPE_CHECKING:
+    from broker.settings import ListenerSettings
+    from listeners.address import ClientAddress
+    from listeners.connection import Connection
+
+logger = logging.getLogger(__name__)
+
+#: The only amqtt release this module is written for.
+AMQTT_VERSION = "0.12.1"
+
+#: Seconds that shutdown waits for amqtt to close its sessions before connections are dropped.
+SHUTDOWN_TIMEOUT = 1.5
+
+#: Seconds a take-over waits for the connection it replaces to wind down (will, events) before
+#: the new one proceeds; bounded so that a stuck old connection cannot block its successor.
+TAKEOVER_TIMEOUT = 2.0
+
+
+def check_amqtt_version(found: str | None = None) -> None:
+    """Refuse to run on an amqtt other than :data:`AMQTT_VERSION`.
+
+    Raises:
+        EngineError: the installed (or given) version differs.
+    """
+    found = amqtt.__version__ if found is None else found
+    if found != AMQTT_VERSION:
+        raise EngineError(
+            f"broker/engine.py is written against amqtt {AMQTT_VERSION} internals, but amqtt {found} is "
+            f"installed; install amqtt=={AMQTT_VERSION} (pyproject.toml pins it)"
+        )
+
+
+class _ConnectionReader(ReaderAdapter):
+    """amqtt's reader interface over a listener's :class:`Connection`."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    async def read(self, n: int = -1) -> bytes:
+        # amqtt always asks for exact sizes; readexactly's IncompleteReadError is what it expects
+        # at end of stream (codecs_amqtt.read_or_raise turns it into NoDataError).
+        return await self._connection.read(n)
+
+    def feed_eof(self) -> None:
+        """Not used by the broker side of amqtt."""
+
+
+class _ConnectionWriter(WriterAdapter):
+    """amqtt's writer interface; reports the real client as the peer."""
+
+    def __init__(self, connection: Connection, address: ClientAddress, listener_id: str) -> None:
+        self.connection = connection
+        self.address = address
+        self.listener_id = listener_id
+
+    def write(self, data: bytes) -> None:
+        self.connection.write(data)
+
+    async def drain(self) -> None:
+        await self.connection.drain()
+
+    def get_peer_info(self) -> tuple[str, int]:
+        return self.address.ip, self.address.port
+
+    def get_ssl_info(self) -> ssl.SSLObject | None:
+        return self.connection.ssl_object()
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+class AcceptAllAuthPlugin(BaseAuthPlugin):
+    """Accept every CONNECT that reached the engine.
+
+    amqtt refuses a client when no auth plugin answers. Its AnonymousAuthPlugin would mark the
+    session anonymous, and amqtt then drops a persistent session's queued QoS 1/2 messages; this
+    plugin does not.
+    """
+
+    @dataclass
+    class Config:
+        """No options."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A connected client as operators see it (no amqtt types leak out)."""
+
+    client_id: str
+    username: str | None
+    address: ClientAddress
+    listener_id: str
+    clean_session: bool
+    keepalive: int
+    connected_at: float | None
+
+
+class _Broker(Broker):
+    """amqtt's Broker with its connection lifecycle replaced (``_client_connected``).
+
+    amqtt 0.12.1 changes session state before it knows whether a client is admitted, and mixes
+    up sessions on reconnect. This lifecycle decides in a fixed order:
+
+    1. read the CONNECT within ``connect_timeout`` (amqtt waits forever: AMQTT.md fault d);
+    2. decide admission (authentication) before touching any existing session, so a refused client
+       can neither wipe nor take over a session (faults b, c) and leaves no "connected" ghost;
+    3. take over a connected session of the same client id by closing the old connection and
+       waiting for it to wind down [MQTT-3.1.4-2] (amqtt left it running on a clean-session CONNECT);
+    4. resume a persistent session with the *new* connection's address and TLS state (fault a:
+       amqtt kept the old peer, so access control and reports saw a stale address);
+    5. send retained messages only for new subscriptions [MQTT-3.3.1-6] (amqtt re-sent, on every
+       CONNECT, the retained messages matching *any* client's subscription, to the new client).
+    """
+
+    def __init__(self, config: dict[str, Any], *, connect_timeout: float) -> None:
+        super().__init__(config)
+        self.connect_timeout = connect_timeout
+        # client id -> set once the connection currently attached to that session has ended.
+        self._flows: dict[str, asyncio.Event] = {}
+
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        assert isinstance(writer, _ConnectionWriter), "only our listeners feed this broker"
+        who = f"{writer.listener_id}: {writer.address.describe()}"
+        try:
+            handler, incoming = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            logger.info(
+                "%s sent no CONNECT within %.1fs (mqtt.idle_timeout); closing", who, self.connect_timeout
+            )
+            await writer.close()
+            return
+        except Exception as exc:  # amqtt raises many types for a malformed CONNECT
+            logger.info("%s: refused: invalid CONNECT: %s", who, exc or type(exc).__name__)
+            await writer.close()
+            return
+        client_id = incoming.client_id or ""
+        if not await self._authenticate(incoming, self.listeners_config[listener_name]):
+            logger.info("%s: client %r refused: not authorized", who, client_id)
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            return
+        session = await self._take_session(incoming)
+        await self._run_session(session, handler, reader, writer)
+
+    async def _take_session(self, incoming: Session) -> Session:
+        """The session this admitted CONNECT continues or starts; takes over a connected one."""
+        client_id = incoming.client_id or ""
+        existing = self._sessions.get(client_id)
+        if existing is not None and existing[0].transitions.is_connected():
+            await self._take_over(client_id, existing[1])
+            existing = self._sessions.get(client_id)
+        if incoming.clean_session or existing is None:
+            if existing is not None:
+                await self._cleanup_session(client_id)  # [MQTT-3.1.2-6] discard the previous session
+            incoming.parent = 0
+            return incoming
+        session = existing[0]
+        for name in (
+            "will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+            "username", "password", "remote_address", "remote_port", "ssl_object",
+        ):  # fmt: skip
+            setattr(session, name, getattr(incoming, name))
+        session.clean_session = False
+        session.parent = 1  # [MQTT-3.2.2-2] session present
+        return session
+
+    async def _take_over(self, client_id: str, old_handler: BrokerProtocolHandler) -> None:
+        logger.info("client %r connected again: closing its previous connection", client_id)
+        flow_ended = self._flows.get(client_id)
+        await old_handler.handle_connection_closed()
+        await old_handler.stop()
+        if flow_ended is not None:
+            try:
+                await asyncio.wait_for(flow_ended.wait(), TAKEOVER_TIMEOUT)
+            except TimeoutError:
+                logger.warning("previous connection of client %r did not end in time", client_id)
+
+    async def _run_session(
+        self, session: Session, handler: BrokerProtocolHandler, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        client_id = session.client_id or ""
+        if session.transitions.is_connected():
+            session.transitions.disconnect()
+        handler.attach(session, reader, writer)
+        session.transitions.connect()
+        self._sessions[client_id] = (session, handler)
+        flow_ended = asyncio.Event()
+        self._flows[client_id] = flow_ended
+        try:
+            await handler.mqtt_connack_authorize(True)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
+            )
+            await handler.start()
+            await self._publish_session_retained_messages(session)  # queued while offline
+            await self._client_message_loop(session, handler)
+        finally:
+            if self._flows.get(client_id) is flow_ended:
+                del self._flows[client_id]
+            current = self._sessions.get(client_id)
+            if current is not None and current[0] is session and current[1] is handler:
+                if session.transitions.is_connected():
+                    await self._stop_handler(handler)
+                    session.transitions.disconnect()
+                if session.clean_session:
+                    await self._cleanup_session(client_id)  # [MQTT-3.1.2-6]
+            flow_ended.set()
+
+
+class Engine:
+    """The amqtt broker behind our listeners."""
+
+    def __init__(self, *, connect_timeout: float = 15.0) -> None:
+        self._broker: _Broker | None = None
+        self._connect_timeout = connect_timeout
+
+    @staticmethod
+    def amqtt_config(listener_ids: Sequence[str]) -> dict[str, Any]:
+        """amqtt's configuration: one ``external`` listener per listener of ours, our auth plugin.
+
+        amqtt requires a listener named ``default``; ours are named ``type:name`` so they never clash.
+        amqtt's logging, packet-logging and $SYS plugins are left out: they cost per packet.
+        """
+        listeners: dict[str, Any] = {"default": {"type": "external"}}
+        listeners.update({listener_id: {"type": "external"} for listener_id in listener_ids})
+        return {"listeners": listeners, "plugins": {f"{__name__}.AcceptAllAuthPlugin": {}}}
+
+    async def start(self, listener_ids: Sequence[str]) -> None:
+        """Start amqtt with an external listener for each of ours.
+
+        Raises:
+            EngineError: wrong amqtt version, or amqtt failed to start.
+        """
+        check_amqtt_version()
+        try:
+            self._broker = _Broker(self.amqtt_config(listener_ids), connect_timeout=self._connect_timeout)
+            await self._broker.start()
+        except Exception as exc:
+            raise EngineError(f"the MQTT engine failed to start: {exc}") from exc
+
+    async def serve(self, connection: Connection, address: ClientAddress, listener: ListenerSettings) -> None:
+        """Run one client connection to its end. The one function listeners call.
+
+        Raises:
+            EngineError: the engine is not started.
+        """
+        if self._broker is None:
+            raise EngineError("the MQTT engine is not started")
+        writer = _ConnectionWriter(connection, address, listener.id)
+        await self._broker.external_connected(_ConnectionReader(connection), writer, listener.id)
+
+    def sessions(self) -> list[SessionView]:
+        """The clients connected now."""
+        if self._broker is None:
+            return []
+        views = []
+        for session, handler in list(self._broker.sessions.values()):
+            writer = handler.writer
+            if session.transitions.state != "connected" or not isinstance(writer, _ConnectionWriter):
+                continue
+            views.append(
+                SessionView(
+                    client_id=session.client_id or "",
+                    username=session.username,
+                    address=writer.address,
+                    listener_id=writer.listener_id,
+                    clean_session=bool(session.clean_session),
+                    keepalive=session.keep_alive,
+                    connected_at=session.last_connect_time,
+                )
+            )
+        return views
+
+    async def shutdown(self) -> None:
+        """Disconnect every client and stop amqtt; bounded by :data:`SHUTDOWN_TIMEOUT`."""
+        broker, self._broker = self._broker, None
+        if broker is None:
+            return
+        try:
+            await asyncio.wait_for(broker.shutdown(), SHUTDOWN_TIMEOUT)
+        except TimeoutError:
+            logger.warning(
+                "the MQTT engine did not stop within %.1fs; dropping connections", SHUTDOWN_TIMEOUT
+            )
+        except Exception:
+            logger.exception("the MQTT engine failed while stopping")

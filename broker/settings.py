@@ -1,0 +1,518 @@
+"""Settings: the YAML schema (EMQX-style names), strict validation, defaults, and the effective config.
+
+Every problem in a file is collected with its dotted path and reported at once, in one
+:class:`~broker.errors.ConfigError`, e.g.
+``listeners.tcp.default.trusted_proxies[1]: '10.0.0.300/24' is not a network``.
+
+The defaults below are the embedded default configuration; ``config/broker.yaml`` documents them
+line by line and a test checks that the two agree. A file given with ``--config`` is merged over the
+defaults: a section or listener that the file does not name keeps its default; ``enable: false``
+turns a listener off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from broker.errors import ConfigError, ConfigProblem
+from listeners.address import Networks, parse_network
+
+#: Listener types this version serves, in the order they are started and listed.
+LISTENER_TYPES = ("tcp", "ws")
+
+#: A listener's ``max_connections`` when the file says ``infinity``: no limit of our own.
+UNLIMITED = 0
+
+
+class ProxyProtocolMode(StrEnum):
+    """``proxy_protocol`` of a listener: whether a PROXY header is required, optional or off."""
+
+    OFF = "false"
+    ON = "true"
+    OPTIONAL = "optional"
+
+    def dump(self) -> bool | str:
+        """The value as written in YAML (``false``, ``true`` or ``optional``)."""
+        return {"false": False, "true": True}.get(self.value, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """A listening address: ``host`` is an IP literal or ``""`` for every interface."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_wildcard(self) -> bool:
+        """Whether this binds every address of its family."""
+        return self.host in ("", "0.0.0.0", "::")
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers: each takes the raw YAML value and returns the typed value or raises ValueError
+# with a message that quotes the value. The path is added by the caller.
+# --------------------------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``"3s"``, ``"500ms"``, ``"1m"``, ``"2h"``, ``"1d"`` -> seconds.
+
+    A bare number is refused: ``15`` could mean seconds or milliseconds, and EMQX users write
+    ``15s``.
+
+    Raises:
+        ValueError: not a duration string with a unit.
+    """
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration (write it with a unit, e.g. '15s' or '500ms')")
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (expected a number and a unit: ms, s, m, h, d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact duration string for ``seconds`` (inverse of :func:`parse_duration`)."""
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    millis = seconds * 1000
+    return f"{int(millis)}ms" if millis == int(millis) else f"{millis}ms"
+
+
+def parse_bind(value: Any) -> Bind:
+    """``"0.0.0.0:1883"``, ``"[::]:1883"``, ``"127.0.0.1:0"``, ``":1883"`` or ``1883`` -> :class:`Bind`.
+
+    The host must be an IP literal (no name lookups at start-up); port 0 asks for any free port.
+
+    Raises:
+        ValueError: not of that form, or the port is out of range.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a bind address (expected 'IP:PORT', e.g. '0.0.0.0:1883')")
+    if isinstance(value, int):
+        text = f":{value}"
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise ValueError(f"{value!r} is not a bind address (expected 'IP:PORT', e.g. '0.0.0.0:1883')")
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r} is not a bind address (expected '[IPv6]:PORT', e.g. '[::]:1883')")
+        family = "IPv6"
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r} has no port (expected 'IP:PORT', e.g. '0.0.0.0:1883')")
+        family = "IPv4"
+        if ":" in host:
+            raise ValueError(f"{value!r}: write an IPv6 bind address in brackets, e.g. '[::]:1883'")
+    if host:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an {family} address") from None
+        if address.version != (6 if family == "IPv6" else 4):
+            raise ValueError(f"{value!r}: {host!r} is not an {family} address")
+        host = str(address)
+    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+        raise ValueError(f"{value!r}: port {port_text!r} is not a number from 0 to 65535")
+    return Bind(host, int(port_text))
+
+
+def parse_bool(value: Any) -> bool:
+    """YAML ``true``/``false`` only; ``"yes"`` or ``1`` are refused to avoid surprises.
+
+    Raises:
+        ValueError: not a boolean.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def parse_proxy_mode(value: Any) -> ProxyProtocolMode:
+    """``false``, ``true`` or ``optional``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value is True:
+        return ProxyProtocolMode.ON
+    if value is False:
+        return ProxyProtocolMode.OFF
+    if value == "optional":
+        return ProxyProtocolMode.OPTIONAL
+    raise ValueError(f"{value!r} is not one of false, true, optional")
+
+
+def parse_max_connections(value: Any) -> int:
+    """A positive count, or ``infinity`` (stored as :data:`UNLIMITED`).
+
+    Raises:
+        ValueError: not a positive integer nor ``infinity``.
+    """
+    if value == "infinity":
+        return UNLIMITED
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{value!r} is not a positive integer or 'infinity'")
+    return value
+
+
+def _parse_networks_into(value: Any, path: str, problems: list[ConfigProblem]) -> Networks:
+    if value is None:
+        return Networks()
+    if not isinstance(value, list):
+        problems.append(ConfigProblem(path, f"{value!r} is not a list of networks (e.g. ['10.0.0.0/8'])"))
+        return Networks()
+    networks = []
+    for index, entry in enumerate(value):
+        try:
+            networks.append(parse_network(entry))
+        except ValueError as exc:
+            problems.append(ConfigProblem(f"{path}[{index}]", str(exc)))
+    return Networks(networks)
+
+
+def parse_http_path(value: Any) -> str:
+    """An absolute HTTP path such as ``/mqtt``.
+
+    Raises:
+        ValueError: not a string starting with ``/``, or containing spaces, ``?`` or ``#``.
+    """
+    if not isinstance(value, str) or not value.startswith("/") or re.search(r"[\s?#]", value):
+        raise ValueError(f"{value!r} is not an absolute HTTP path (e.g. '/mqtt')")
+    return value
+
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_header_name(value: Any) -> str:
+    """An HTTP header name (RFC 9110 token), or ``""`` for none.
+
+    Raises:
+        ValueError: not a token.
+    """
+    if not isinstance(value, str) or (value and not _TOKEN_RE.match(value)):
+        raise ValueError(f"{value!r} is not an HTTP header name (e.g. 'X-Forwarded-For')")
+    return value
+
+
+def parse_text(value: Any) -> str:
+    """A non-empty string.
+
+    Raises:
+        ValueError: not a non-empty string.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Schema: frozen dataclasses whose fields carry their parser and their YAML form in metadata.
+# --------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def setting(default: Any, parse: Callable[[Any], Any], dump: Callable[[Any], Any] = lambda v: v) -> Any:
+    """A dataclass field with its parser (raw YAML -> value) and dumper (value -> YAML)."""
+    return field(default=default, metadata={"parse": parse, "dump": dump})
+
+
+@dataclass(frozen=True)
+class WebSocketOptions:
+    """``listeners.ws.<name>.websocket``."""
+
+    mqtt_path: str = setting("/mqtt", parse_http_path)
+    proxy_address_header: str = setting("", parse_header_name)
+    proxy_port_header: str = setting("", parse_header_name)
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """One listener: ``listeners.<type>.<name>``."""
+
+    type: str
+    name: str
+    bind: Bind = setting(Bind("", 0), parse_bind, str)
+    enable: bool = setting(True, parse_bool)
+    max_connections: int = setting(UNLIMITED, parse_max_connections, lambda v: v or "infinity")
+    proxy_protocol: ProxyProtocolMode = setting(
+        ProxyProtocolMode.OFF, parse_proxy_mode, ProxyProtocolMode.dump
+    )
+    proxy_protocol_timeout: float = setting(3.0, parse_duration, format_duration)
+    trusted_proxies: Networks = field(default_factory=Networks, metadata={"networks": True})
+    websocket: WebSocketOptions | None = None
+
+    @property
+    def id(self) -> str:
+        """``type:name``, how logs, metrics and ``clients show`` name the listener."""
+        return f"{self.type}:{self.name}"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """``node``: where the broker keeps its files."""
+
+    data_dir: str = setting("data", parse_text)
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """``mqtt``: protocol-level limits."""
+
+    #: Close a connection that sends no CONNECT in time (amqtt itself would wait forever).
+    idle_timeout: float = setting(15.0, parse_duration, format_duration)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole effective configuration."""
+
+    listeners: tuple[ListenerSettings, ...]
+    node: NodeSettings = field(default_factory=NodeSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+
+    def enabled_listeners(self) -> tuple[ListenerSettings, ...]:
+        """The listeners to start, in start order."""
+        return tuple(listener for listener in self.listeners if listener.enable)
+
+
+#: Keys that only some listener types accept.
+_TYPE_ONLY_KEYS = {"websocket": ("ws",)}
+
+#: The default listeners and their binds; other names must give ``bind``.
+DEFAULT_BINDS = {("tcp", "default"): "0.0.0.0:1883", ("ws", "default"): "0.0.0.0:8083"}
+
+
+def default_settings() -> Settings:
+    """The embedded default configuration (what ``config/broker.yaml`` documents)."""
+    return load_settings({})
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(choices))})"
+
+
+def _check_mapping(value: Any, path: str, problems: list[ConfigProblem]) -> Mapping[str, Any] | None:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.append(ConfigProblem(path, f"expected a mapping of keys, got {value!r}"))
+        return None
+    return value
+
+
+def _build(
+    cls: type[T],
+    raw: Any,
+    path: str,
+    problems: list[ConfigProblem],
+    exclude: tuple[str, ...] = (),
+    **fixed: Any,
+) -> T:
+    """Build dataclass ``cls`` from mapping ``raw``, collecting every problem under ``path``.
+
+    ``fixed`` are values not read from ``raw``; ``exclude`` are fields ``raw`` may not set.
+    """
+    mapping = _check_mapping(raw, path, problems) or {}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}  # type: ignore[arg-type]
+    settable = [
+        name for name, f in fields.items() if (f.metadata or name == "websocket") and name not in exclude
+    ]
+    values: dict[str, Any] = dict(fixed)
+    for key, value in mapping.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in settable:
+            problems.append(ConfigProblem(key_path, f"unknown key{_suggest(str(key), settable)}"))
+            continue
+        meta = fields[key].metadata
+        if "parse" in meta:
+            try:
+                values[key] = meta["parse"](value)
+            except ValueError as exc:
+                problems.append(ConfigProblem(key_path, str(exc)))
+        elif "networks" in meta:
+            values[key] = _parse_networks_into(value, key_path, problems)
+        elif key == "websocket":
+            values[key] = _build(WebSocketOptions, value, key_path, problems)
+    return cls(**values)
+
+
+def _build_listeners(raw: Any, problems: list[ConfigProblem]) -> tuple[ListenerSettings, ...]:
+    by_type = _check_mapping(raw, "listeners", problems) or {}
+    for type_name in by_type:
+        if type_name not in LISTENER_TYPES:
+            problems.append(
+                ConfigProblem(
+                    f"listeners.{type_name}",
+                    f"unknown listener type{_suggest(str(type_name), list(LISTENER_TYPES))}",
+                )
+            )
+    listeners = []
+    for type_name in LISTENER_TYPES:
+        type_path = f"listeners.{type_name}"
+        named = dict(_check_mapping(by_type.get(type_name), type_path, problems) or {})
+        defaults = {name: bind for (kind, name), bind in DEFAULT_BINDS.items() if kind == type_name}
+        for name in [*defaults, *(n for n in named if n not in defaults)]:
+            path = f"{type_path}.{name}"
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]+$", name):
+                problems.append(ConfigProblem(path, "a listener name is letters, digits, '_' and '-'"))
+                continue
+            raw_listener = _check_mapping(named.get(name), path, problems)
+            if raw_listener is None:
+                continue
+            raw_listener = dict(raw_listener)
+            exclude = tuple(key for key, types in _TYPE_ONLY_KEYS.items() if type_name not in types)
+            for key in exclude:
+                if raw_listener.pop(key, None) is not None:
+                    only = "/".join(_TYPE_ONLY_KEYS[key])
+                    problems.append(ConfigProblem(f"{path}.{key}", f"only {only} listeners have this key"))
+            if name in defaults:
+                raw_listener.setdefault("bind", defaults[name])
+            elif "bind" not in raw_listener:
+                problems.append(
+                    ConfigProblem(f"{path}.bind", "required for a listener (e.g. '0.0.0.0:1883')")
+                )
+            fixed: dict[str, Any] = {"type": type_name, "name": name}
+            if type_name == "ws" and "websocket" not in raw_listener:
+                fixed["websocket"] = WebSocketOptions()
+            listeners.append(_build(ListenerSettings, raw_listener, path, problems, exclude, **fixed))
+    _check_listener_rules(listeners, problems)
+    return tuple(listeners)
+
+
+def _check_listener_rules(listeners: list[ListenerSettings], problems: list[ConfigProblem]) -> None:
+    """Rules that span several keys or several listeners."""
+    seen: list[ListenerSettings] = []
+    for listener in listeners:
+        path = f"listeners.{listener.type}.{listener.name}"
+        if listener.proxy_protocol is ProxyProtocolMode.OPTIONAL and not listener.trusted_proxies:
+            problems.append(
+                ConfigProblem(
+                    f"{path}.trusted_proxies",
+                    "required with proxy_protocol: optional (a header is honoured only from these proxies)",
+                )
+            )
+        # Interim: the address-learning half lands in the next commits; refuse rather than ignore.
+        if listener.proxy_protocol is not ProxyProtocolMode.OFF:
+            problems.append(ConfigProblem(f"{path}.proxy_protocol", "not implemented yet in this build"))
+        if listener.websocket is not None and (
+            listener.websocket.proxy_address_header or listener.websocket.proxy_port_header
+        ):
+            problems.append(ConfigProblem(f"{path}.websocket", "address headers are not implemented yet"))
+        if not listener.enable or listener.bind.port == 0:
+            continue
+        for other in seen:
+            same_family = (":" in listener.bind.host) == (":" in other.bind.host)
+            overlap = listener.bind.host == other.bind.host or (
+                same_family and (listener.bind.is_wildcard or other.bind.is_wildcard)
+            )
+            if listener.bind.port == other.bind.port and overlap:
+                problems.append(
+                    ConfigProblem(
+                        f"{path}.bind",
+                        f"{listener.bind} is already used by listeners.{other.type}.{other.name}",
+                    )
+                )
+        seen.append(listener)
+
+
+_SECTIONS = ("listeners", "node", "mqtt")
+
+
+def load_settings(raw: Any, source: str = "") -> Settings:
+    """Validate a parsed YAML document and merge it over the defaults.
+
+    Raises:
+        ConfigError: with every problem found, each with its path.
+    """
+    problems: list[ConfigProblem] = []
+    document = _check_mapping(raw, "", problems) or {}
+    for key in document:
+        if key not in _SECTIONS:
+            problems.append(ConfigProblem(str(key), f"unknown section{_suggest(str(key), list(_SECTIONS))}"))
+    listeners = _build_listeners(document.get("listeners"), problems)
+    node = _build(NodeSettings, document.get("node"), "node", problems)
+    mqtt = _build(MqttSettings, document.get("mqtt"), "mqtt", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return Settings(listeners=listeners, node=node, mqtt=mqtt)
+
+
+def load_settings_file(path: str | Path) -> Settings:
+    """Read, parse and validate a YAML file.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or has invalid settings.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("", f"cannot read the file: {exc.strerror}")], source) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigProblem("", "the file is not UTF-8 text")], source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigProblem("", f"{where}not valid YAML: {problem}")], source) from None
+    return load_settings(raw, source)
+
+
+def _dump_dataclass(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        if "dump" in f.metadata:
+            out[f.name] = f.metadata["dump"](value)
+        elif isinstance(value, Networks):
+            out[f.name] = [str(network) for network in value]
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = _dump_dataclass(value)
+    return out
+
+
+def dump_settings(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain YAML-ready data (what ``check-config`` prints)."""
+    listeners: dict[str, dict[str, Any]] = {}
+    for listener in settings.listeners:
+        entry = _dump_dataclass(listener, skip=("type", "name"))
+        if listener.websocket is None:
+            entry.pop("websocket", None)
+        listeners.setdefault(listener.type, {})[listener.name] = entry
+    return {
+        "listeners": listeners,
+        "node": _dump_dataclass(settings.node),
+        "mqtt": _dump_dataclass(settings.mqtt),
+    }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the real peers the test suite runs against (Debian packages), if any is missing.
+# As root it installs them; otherwise it uses sudo when it can, or says what to run.
+set -euo pipefail
+
+packages=(nginx libnginx-mod-stream haproxy mosquitto mosquitto-clients)
+missing=0
+for binary in nginx haproxy mosquitto mosquitto_pub mosquitto_sub; do
+    command -v "$binary" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$binary" >/dev/null 2>&1 || missing=1
+done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1
+[ "$missing" = 1 ] || exit 0
+
+if [ "$(id -u)" = 0 ]; then
+    sudo=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo=(sudo -n)
+else
+    echo "install-peers: missing test peers; run as root: apt-get install -y ${packages[*]}" >&2
+    echo "install-peers: tests that need them will be skipped (or fail with REQUIRE_E2E=1)" >&2
+    exit 0
+fi
+echo "install-peers: installing ${packages[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

@@ -1,0 +1,37 @@
+"""Fixtures shared by the integration and end-to-end tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import BrokerProcess, Clients
+
+
+@pytest.fixture
+def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """Start the real broker with a config mapping; every one started is stopped at teardown."""
+    started: list[BrokerProcess] = []
+
+    def start(config: dict[str, Any], **kwargs: Any) -> BrokerProcess:
+        workdir = tmp_path / f"broker{len(started)}"
+        workdir.mkdir()
+        broker = BrokerProcess(config, workdir, **kwargs)
+        started.append(broker)
+        return broker.wait_ready()
+
+    yield start
+    for broker in started:
+        if broker.proc.poll() is None:
+            broker.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    """Make paho-mqtt clients that are all disconnected at teardown."""
+    made = Clients()
+    yield made
+    made.close_all()
