@@ -51,8 +51,10 @@ def configure_logging(level_name: str) -> None:
     level = getattr(logging, level_name.upper())
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     quiet = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
-    for name in ("amqtt", "transitions", "websockets"):
+    for name in ("amqtt", "websockets"):
         logging.getLogger(name).setLevel(quiet)
+    # amqtt's session state machines log every transition; never useful here.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 def _load(path: str | None) -> Settings:

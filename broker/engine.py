@@ -228,8 +228,11 @@ class _Broker(Broker):
         self._sessions[client_id] = (session, handler)
         flow_ended = asyncio.Event()
         self._flows[client_id] = flow_ended
+        assert isinstance(writer, _ConnectionWriter)
+        who = f"{writer.listener_id}: client {client_id!r} from {writer.address.describe()}"
         try:
             await handler.mqtt_connack_authorize(True)
+            logger.info("%s connected", who)
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
             )
@@ -247,6 +250,7 @@ class _Broker(Broker):
                 if session.clean_session:
                     await self._cleanup_session(client_id)  # [MQTT-3.1.2-6]
             flow_ended.set()
+            logger.info("%s disconnected", who)
 
 
 class Engine:

@@ -420,8 +420,8 @@ def _check_listener_rules(listeners: list[ListenerSettings], problems: list[Conf
                 )
             )
         # Interim: the address-learning half lands in the next commits; refuse rather than ignore.
-        if listener.proxy_protocol is not ProxyProtocolMode.OFF:
-            problems.append(ConfigProblem(f"{path}.proxy_protocol", "not implemented yet in this build"))
+        if listener.type == "ws" and listener.proxy_protocol is not ProxyProtocolMode.OFF:
+            problems.append(ConfigProblem(f"{path}.proxy_protocol", "not implemented yet for ws listeners"))
         if listener.websocket is not None and (
             listener.websocket.proxy_address_header or listener.websocket.proxy_port_header
         ):

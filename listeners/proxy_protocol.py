@@ -238,6 +238,8 @@ class _NeedData(Enum):
 
 #: Returned by :meth:`ProxyHeaderParser.feed` and :func:`parse` until a whole header is buffered.
 NEED_DATA: Final = _NeedData.NEED_DATA
+#: The type of :data:`NEED_DATA`, for annotations.
+NeedData: TypeAlias = _NeedData
 
 
 class Detection(Enum):

@@ -7,11 +7,18 @@ import contextlib
 import logging
 import socket
 
-from broker.settings import UNLIMITED, ListenerSettings
-from listeners.address import ClientAddress, format_hostport
+from broker.errors import ProxyProtocolError
+from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
+from listeners.address import format_hostport
 from listeners.connection import ConnectionHandler, ListenerStats, StreamConnection
+from listeners.gate import ProxyGate, client_address, peer_refusal
+from listeners.proxy_protocol import NEED_DATA, ProxyHeader
 
 logger = logging.getLogger(__name__)
+
+#: Bytes asked of the socket per read while the PROXY header is awaited. Bytes read past the header
+#: are kept and served to the engine first, so over-reading is harmless.
+HEADER_READ_SIZE = 4096
 
 #: StreamReader buffer limit. MQTT is read in small exact-size pieces; 64 KiB is asyncio's default
 #: and bounds what one slow consumer can pin in memory before back-pressure.
@@ -64,38 +71,82 @@ class TcpListener:
         for connection in list(self._connections):
             connection.abort()
 
+    def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str, message: str) -> None:
+        """Count, log once, and drop a connection."""
+        self.stats.refuse(reason)
+        logger.warning("%s refused %s: %s [%s]", self.id, peer, message, reason)
+        writer.transport.abort()
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        peer_ip, peer_port = (str(part) for part in writer.get_extra_info("peername")[:2])
+        peer = format_hostport(peer_ip, int(peer_port))
+        settings = self.settings
+        limit = settings.max_connections
+        if limit != UNLIMITED and self.stats.current >= limit:
+            self._refuse(writer, peer, "max_connections", f"max_connections ({limit}) reached")
+            return
+        refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer_ip)
+        if refusal is not None:
+            self._refuse(writer, peer, refusal.reason, str(refusal))
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # MQTT packets are small and latency matters more than coalescing.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer_ip, peer_port = str(peer[0]), int(peer[1])
-        limit = self.settings.max_connections
-        if limit != UNLIMITED and self.stats.current >= limit:
-            self.stats.refuse("max_connections")
-            logger.warning(
-                "%s refused %s: max_connections (%d) reached",
-                self.id,
-                format_hostport(peer_ip, peer_port),
-                limit,
-            )
-            writer.transport.abort()
-            return
-        connection = StreamConnection(reader, writer)
         self.stats.current += 1
         self.stats.accepted += 1
-        self._connections.add(connection)
-        peer = format_hostport(peer_ip, peer_port)
         logger.debug("%s: %s connected; %d live", self.id, peer, self.stats.current)
+        connection: StreamConnection | None = None
         try:
-            address = ClientAddress.direct(peer_ip, peer_port)
-            await self._handler(connection, address, self.settings)
+            header: ProxyHeader | None = None
+            pending = b""
+            if settings.proxy_protocol is not ProxyProtocolMode.OFF:
+                try:
+                    header, pending = await asyncio.wait_for(
+                        self._read_header(reader, peer_ip), settings.proxy_protocol_timeout
+                    )
+                except TimeoutError:
+                    timeout = settings.proxy_protocol_timeout
+                    self._refuse(
+                        writer, peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s"
+                    )
+                    return
+                except ProxyProtocolError as exc:
+                    self._refuse(writer, peer, exc.reason, str(exc))
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    logger.debug("%s: %s closed before sending a PROXY header", self.id, peer)
+                    return
+            address = client_address(header, peer_ip, int(peer_port))
+            connection = StreamConnection(reader, writer, pending)
+            self._connections.add(connection)
+            await self._handler(connection, address, settings)
         except Exception:
             logger.exception("%s: connection from %s failed", self.id, peer)
         finally:
-            self._connections.discard(connection)
             self.stats.current -= 1
-            await connection.close()
+            if connection is not None:
+                self._connections.discard(connection)
+                await connection.close()
+            else:
+                writer.transport.abort()
             logger.debug("%s: %s closed; %d live", self.id, peer, self.stats.current)
+
+    async def _read_header(
+        self, reader: asyncio.StreamReader, peer_ip: str
+    ) -> tuple[ProxyHeader | None, bytes]:
+        """Read until the PROXY header (or, in ``optional`` mode, its absence) is decided.
+
+        Raises:
+            ProxyProtocolError: refused header (see :class:`~listeners.gate.ProxyGate`).
+            asyncio.IncompleteReadError: the peer closed first.
+        """
+        gate = ProxyGate(self.settings.proxy_protocol, self.settings.trusted_proxies, peer_ip)
+        while True:
+            data = await reader.read(HEADER_READ_SIZE)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            result = gate.feed(data)
+            if result is not NEED_DATA:
+                return result
