@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
+from broker.admin import AdminServer
 from broker.engine import Engine
 from broker.errors import RealIPError
 from broker.settings import ListenerSettings, Settings
@@ -39,15 +41,25 @@ class BrokerApp:
         self.listeners: list[Listener] = [
             make_listener(listener, self.engine) for listener in settings.enabled_listeners()
         ]
+        self.admin: AdminServer | None = None
+        if settings.admin.listen.path is not None or settings.admin.listen.is_tcp:
+            self.admin = AdminServer(settings.admin, self.engine, self.listeners)
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        """Start the engine, then every listener.
+        """Start the engine, every listener, then the admin API.
 
         Raises:
-            StartupError: a listener cannot bind; what was started is stopped again.
+            StartupError: the data directory cannot be made, or a listener cannot bind; what was
+                started is stopped again.
+            AdminStartupError: the admin API cannot listen.
             EngineError: the engine cannot start.
         """
+        data_dir = Path(self.settings.node.data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StartupError(f"node.data_dir: cannot create {data_dir}: {exc.strerror}") from None
         await self.engine.start([listener.id for listener in self.listeners])
         for listener in self.listeners:
             try:
@@ -65,6 +77,13 @@ class BrokerApp:
                     format_hostport(host, port),
                     listener.settings.proxy_protocol.value,
                 )
+        if self.admin is not None:
+            try:
+                where = await self.admin.start()
+            except RealIPError:
+                await self.stop()
+                raise
+            logger.info("admin API on %s", where)
         logger.info("realip-broker ready: %s", self.ready_summary())
 
     def ready_summary(self) -> str:
@@ -104,6 +123,8 @@ class BrokerApp:
         """Stop accepting, disconnect every client, drop what is left. Safe to call twice."""
         for listener in self.listeners:
             listener.stop_accepting()
+        if self.admin is not None:
+            await self.admin.stop()
         await self.engine.shutdown()
         for listener in self.listeners:
             listener.abort_connections()

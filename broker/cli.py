@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import yaml
 
 from broker import __version__
+from broker import ctl as ctl_module
 from broker.errors import ConfigError, RealIPError
 from broker.settings import Settings, default_settings, dump_settings, load_settings_file
 
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the broker in the foreground")
     serve.add_argument("--config", metavar="FILE", help="YAML settings (default: the embedded defaults)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+
+    ctl = commands.add_parser("ctl", help="talk to a running broker's admin API")
+    ctl_module.add_arguments(ctl)
 
     check = commands.add_parser(
         "check-config", help="validate a settings file and print the effective config"
@@ -94,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``realip-broker`` command."""
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "check-config": cmd_check_config}
+    handlers = {"serve": cmd_serve, "check-config": cmd_check_config, "ctl": ctl_module.run}
     return handlers[args.command](args)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 from broker.errors import EngineError
+from broker.metrics import MessageCounters
 
 if TYPE_CHECKING:
     from broker.settings import ListenerSettings
@@ -79,15 +81,33 @@ class _ConnectionReader(ReaderAdapter):
         """Not used by the broker side of amqtt."""
 
 
-class _ConnectionWriter(WriterAdapter):
-    """amqtt's writer interface; reports the real client as the peer."""
+#: MQTT control packet type of PUBLISH (first byte's high nibble) [MQTT-2.2.1].
+_PUBLISH = 3
 
-    def __init__(self, connection: Connection, address: ClientAddress, listener_id: str) -> None:
+#: The only protocol level amqtt 0.12.1 accepts (MQTT 3.1.1) [MQTT-3.1.2-2].
+_PROTOCOL_LEVEL = 4
+
+
+class _ConnectionWriter(WriterAdapter):
+    """amqtt's writer interface; reports the real client as the peer.
+
+    amqtt writes each packet with one ``write`` call (``MQTTPacket.to_stream``), which is where
+    outgoing PUBLISH packets are counted.
+    """
+
+    def __init__(
+        self, connection: Connection, address: ClientAddress, listener_id: str, counters: MessageCounters
+    ) -> None:
         self.connection = connection
         self.address = address
         self.listener_id = listener_id
+        self.counters = counters
+        self.connected_at: float | None = None
+        self.proto_ver = _PROTOCOL_LEVEL
 
     def write(self, data: bytes) -> None:
+        if data and data[0] >> 4 == _PUBLISH:
+            self.counters.sent += 1
         self.connection.write(data)
 
     async def drain(self) -> None:
@@ -129,7 +149,8 @@ class SessionView:
     listener_id: str
     clean_session: bool
     keepalive: int
-    connected_at: float | None
+    connected_at: float
+    proto_ver: int
 
 
 class _Broker(Broker):
@@ -149,9 +170,10 @@ class _Broker(Broker):
        CONNECT, the retained messages matching *any* client's subscription, to the new client).
     """
 
-    def __init__(self, config: dict[str, Any], *, connect_timeout: float) -> None:
+    def __init__(self, config: dict[str, Any], *, connect_timeout: float, counters: MessageCounters) -> None:
         super().__init__(config)
         self.connect_timeout = connect_timeout
+        self.counters = counters
         # client id -> set once the connection currently attached to that session has ended.
         self._flows: dict[str, asyncio.Event] = {}
 
@@ -208,14 +230,25 @@ class _Broker(Broker):
 
     async def _take_over(self, client_id: str, old_handler: BrokerProtocolHandler) -> None:
         logger.info("client %r connected again: closing its previous connection", client_id)
+        await self.disconnect(client_id, old_handler)
+
+    async def disconnect(self, client_id: str, handler: BrokerProtocolHandler) -> None:
+        """Close a client's connection as if it dropped, and wait (bounded) for its flow to end."""
         flow_ended = self._flows.get(client_id)
-        await old_handler.handle_connection_closed()
-        await old_handler.stop()
+        await handler.handle_connection_closed()
+        await handler.stop()
         if flow_ended is not None:
             try:
                 await asyncio.wait_for(flow_ended.wait(), TAKEOVER_TIMEOUT)
             except TimeoutError:
-                logger.warning("previous connection of client %r did not end in time", client_id)
+                logger.warning("connection of client %r did not end in time", client_id)
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        if wait_deliver.result() is not None:
+            self.counters.received += 1
+        return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
 
     async def _run_session(
         self, session: Session, handler: BrokerProtocolHandler, reader: ReaderAdapter, writer: WriterAdapter
@@ -232,6 +265,7 @@ class _Broker(Broker):
         who = f"{writer.listener_id}: client {client_id!r} from {writer.address.describe()}"
         try:
             await handler.mqtt_connack_authorize(True)
+            writer.connected_at = time.time()
             logger.info("%s connected", who)
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
@@ -259,6 +293,7 @@ class Engine:
     def __init__(self, *, connect_timeout: float = 15.0) -> None:
         self._broker: _Broker | None = None
         self._connect_timeout = connect_timeout
+        self.counters = MessageCounters()
 
     @staticmethod
     def amqtt_config(listener_ids: Sequence[str]) -> dict[str, Any]:
@@ -279,7 +314,9 @@ class Engine:
         """
         check_amqtt_version()
         try:
-            self._broker = _Broker(self.amqtt_config(listener_ids), connect_timeout=self._connect_timeout)
+            self._broker = _Broker(
+                self.amqtt_config(listener_ids), connect_timeout=self._connect_timeout, counters=self.counters
+            )
             await self._broker.start()
         except Exception as exc:
             raise EngineError(f"the MQTT engine failed to start: {exc}") from exc
@@ -292,30 +329,38 @@ class Engine:
         """
         if self._broker is None:
             raise EngineError("the MQTT engine is not started")
-        writer = _ConnectionWriter(connection, address, listener.id)
+        writer = _ConnectionWriter(connection, address, listener.id, self.counters)
         await self._broker.external_connected(_ConnectionReader(connection), writer, listener.id)
 
     def sessions(self) -> list[SessionView]:
-        """The clients connected now."""
+        """The clients connected now, in connection order."""
         if self._broker is None:
             return []
-        views = []
-        for session, handler in list(self._broker.sessions.values()):
-            writer = handler.writer
-            if session.transitions.state != "connected" or not isinstance(writer, _ConnectionWriter):
-                continue
-            views.append(
-                SessionView(
-                    client_id=session.client_id or "",
-                    username=session.username,
-                    address=writer.address,
-                    listener_id=writer.listener_id,
-                    clean_session=bool(session.clean_session),
-                    keepalive=session.keep_alive,
-                    connected_at=session.last_connect_time,
-                )
-            )
-        return views
+        views = (_view(session, handler) for session, handler in list(self._broker.sessions.values()))
+        return [view for view in views if view is not None]
+
+    def session(self, client_id: str) -> SessionView | None:
+        """The connected client ``client_id``, if any."""
+        if self._broker is None:
+            return None
+        entry = self._broker.sessions.get(client_id)
+        return None if entry is None else _view(*entry)
+
+    def count(self) -> int:
+        """How many clients are connected."""
+        return len(self.sessions())
+
+    async def kick(self, client_id: str) -> bool:
+        """Disconnect a connected client and discard its session; False if it is not connected."""
+        broker = self._broker
+        entry = None if broker is None else broker.sessions.get(client_id)
+        if broker is None or entry is None or _view(*entry) is None:
+            return False
+        logger.info("client %r kicked by an operator", client_id)
+        await broker.disconnect(client_id, entry[1])
+        if client_id in broker.sessions and broker.sessions[client_id][0] is entry[0]:
+            await broker._cleanup_session(client_id)
+        return True
 
     async def shutdown(self) -> None:
         """Disconnect every client and stop amqtt; bounded by :data:`SHUTDOWN_TIMEOUT`."""
@@ -330,3 +375,21 @@ class Engine:
             )
         except Exception:
             logger.exception("the MQTT engine failed while stopping")
+
+
+def _view(session: Session, handler: BrokerProtocolHandler) -> SessionView | None:
+    writer = handler.writer
+    if session.transitions.state != "connected" or not isinstance(writer, _ConnectionWriter):
+        return None
+    if writer.connected_at is None:  # CONNACK not sent yet
+        return None
+    return SessionView(
+        client_id=session.client_id or "",
+        username=session.username,
+        address=writer.address,
+        listener_id=writer.listener_id,
+        clean_session=bool(session.clean_session),
+        keepalive=session.keep_alive,
+        connected_at=writer.connected_at,
+        proto_ver=writer.proto_ver,
+    )

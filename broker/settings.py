@@ -281,6 +281,61 @@ class NodeSettings:
     data_dir: str = setting("data", parse_text)
 
 
+@dataclass(frozen=True, slots=True)
+class AdminAddress:
+    """Where the admin API listens: a unix socket path, or an IP and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.host is None:
+            return ""
+        return str(Bind(self.host, self.port or 0))
+
+    @property
+    def is_tcp(self) -> bool:
+        """Whether this is a TCP address (which requires a token)."""
+        return self.host is not None
+
+
+def parse_admin_listen(value: Any) -> AdminAddress:
+    """``unix:PATH``, ``IP:PORT`` / ``[IPv6]:PORT``, or ``""`` for no admin API.
+
+    Raises:
+        ValueError: none of those forms.
+    """
+    if value == "":
+        return AdminAddress()
+    if isinstance(value, str) and value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path or "\0" in path:
+            raise ValueError(f"{value!r}: 'unix:' needs a socket path, e.g. 'unix:data/admin.sock'")
+        return AdminAddress(path=path)
+    try:
+        bind = parse_bind(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not 'unix:PATH' or 'IP:PORT' (e.g. '127.0.0.1:18083')") from None
+    if not bind.host:
+        raise ValueError(f"{value!r}: give the IP to listen on, e.g. '127.0.0.1:{bind.port}'")
+    return AdminAddress(host=bind.host, port=bind.port)
+
+
+#: Shortest admin token accepted: the admin API can kick clients and ban networks.
+MIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """``admin``: the admin API used by ``realip-broker ctl`` and by monitoring."""
+
+    listen: AdminAddress = setting(AdminAddress(path="data/admin.sock"), parse_admin_listen, str)
+    token: str = setting("", lambda v: v if isinstance(v, str) else parse_text(v))
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     """``mqtt``: protocol-level limits."""
@@ -296,6 +351,7 @@ class Settings:
     listeners: tuple[ListenerSettings, ...]
     node: NodeSettings = field(default_factory=NodeSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
     def enabled_listeners(self) -> tuple[ListenerSettings, ...]:
         """The listeners to start, in start order."""
@@ -443,7 +499,7 @@ def _check_listener_rules(listeners: list[ListenerSettings], problems: list[Conf
         seen.append(listener)
 
 
-_SECTIONS = ("listeners", "node", "mqtt")
+_SECTIONS = ("listeners", "node", "mqtt", "admin")
 
 
 def load_settings(raw: Any, source: str = "") -> Settings:
@@ -460,9 +516,17 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     listeners = _build_listeners(document.get("listeners"), problems)
     node = _build(NodeSettings, document.get("node"), "node", problems)
     mqtt = _build(MqttSettings, document.get("mqtt"), "mqtt", problems)
+    admin = _build(AdminSettings, document.get("admin"), "admin", problems)
+    if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
+        problems.append(
+            ConfigProblem(
+                "admin.token",
+                f"required, at least {MIN_TOKEN_LENGTH} characters, when admin.listen is a TCP address",
+            )
+        )
     if problems:
         raise ConfigError(problems, source)
-    return Settings(listeners=listeners, node=node, mqtt=mqtt)
+    return Settings(listeners=listeners, node=node, mqtt=mqtt, admin=admin)
 
 
 def load_settings_file(path: str | Path) -> Settings:
@@ -515,4 +579,5 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "listeners": listeners,
         "node": _dump_dataclass(settings.node),
         "mqtt": _dump_dataclass(settings.mqtt),
+        "admin": _dump_dataclass(settings.admin),
     }

@@ -7,6 +7,7 @@ sleeping a guessed time.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -324,3 +325,49 @@ class Clients:
 
     def __iter__(self) -> Iterator[MqttClient]:
         return iter(self._clients)
+
+
+# ------------------------------------------------------------------------------------------------
+# realip-broker ctl: how every test reads the address the broker reports
+# ------------------------------------------------------------------------------------------------
+
+
+def ctl(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``realip-broker ctl ARGS`` next to the broker (its admin socket is data/admin.sock)."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "ctl", *args],
+        cwd=broker.workdir,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def client_info(broker: BrokerProcess, client_id: str) -> dict[str, Any]:
+    """``ctl clients show ID --json``, waiting until the client is listed."""
+
+    def show() -> dict[str, Any] | None:
+        result = ctl(broker, "clients", "show", client_id, "--json")
+        if result.returncode == 1 and "not found" in result.stderr:
+            return None
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    found: dict[str, Any] = wait_until(show, what=f"client {client_id} in `ctl clients show`")
+    return found
+
+
+def example_broker_config(relative: str, replacements: dict[str, str], **sections: Any) -> dict[str, Any]:
+    """An examples/ broker YAML with its addresses replaced; listeners it does not name are off."""
+    text = (REPO / "examples" / relative).read_text()
+    for old, new in replacements.items():
+        assert old in text, f"examples/{relative} no longer contains {old!r}; update the test with it"
+        text = text.replace(old, new)
+    document = yaml.safe_load(text)
+    config = broker_config()
+    for kind, named in document.pop("listeners").items():
+        for name, options in named.items():
+            config["listeners"][kind][name] = {"enable": True, **options}
+    return {**config, **document, **sections}

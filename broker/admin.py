@@ -1,0 +1,252 @@
+"""The admin API: JSON over HTTP on a unix socket (mode 0600) or on IP:PORT with a bearer token.
+
+Endpoints (all answers are JSON except ``/metrics``):
+
+``GET /health``                     ``{"status": "ok"}``
+``GET /api/v1/clients``             connected clients; filters ``ip`` (address or CIDR), ``listener``,
+                                    ``username``; paging ``page`` (from 1) and ``limit`` (1-10000)
+``GET /api/v1/clients/{id}``        one client, 404 when not connected
+``DELETE /api/v1/clients/{id}``     kick: disconnect and discard the session; 204, or 404
+``GET /api/v1/listeners``           each listener: bind, mode, live connections, refusals by reason
+``GET /metrics``                    Prometheus text
+
+Errors are ``{"code": "...", "message": "..."}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from broker.engine import Engine, SessionView
+from broker.errors import RealIPError
+from broker.metrics import BrokerCollector, render
+from broker.settings import AdminSettings
+from listeners.address import IPNetwork, Networks, parse_network
+
+if TYPE_CHECKING:
+    from broker.app import Listener
+
+logger = logging.getLogger(__name__)
+
+#: Largest page of ``/api/v1/clients``; bounds one answer's size (about 4 MB of JSON).
+MAX_PAGE_LIMIT = 10_000
+DEFAULT_PAGE_LIMIT = 100
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminStartupError(RealIPError):
+    """The admin API cannot listen where configured."""
+
+
+def iso8601(timestamp: float) -> str:
+    """``2026-11-27T03:36:05.011+00:00``."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def client_json(view: SessionView) -> dict[str, Any]:
+    """The JSON object of one connected client (``ctl clients show --json``)."""
+    address = view.address
+    return {
+        "clientid": view.client_id,
+        "username": view.username,
+        "ip_address": address.ip,
+        "port": address.port,
+        "proxy_address": address.proxy_ip,
+        "proxy_port": address.proxy_port,
+        "listener": view.listener_id,
+        "address_source": address.source.value,
+        "proto_ver": view.proto_ver,
+        "clean_start": view.clean_session,
+        "keepalive": view.keepalive,
+        "connected_at": iso8601(view.connected_at),
+        "proxy_details": address.details,
+    }
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise web.HTTPBadRequest(
+            text=f'{{"code": "BAD_REQUEST", "message": "{name} must be a number from {low} to {high}"}}',
+            content_type="application/json",
+        )
+    return int(raw)
+
+
+class AdminServer:
+    """The admin API of one broker process."""
+
+    def __init__(self, settings: AdminSettings, engine: Engine, listeners: Sequence[Listener]) -> None:
+        self.settings = settings
+        self._engine = engine
+        self._listeners = listeners
+        self._collector = BrokerCollector(lambda: self._listeners, engine.counters, engine.count)
+        self._runner: web.AppRunner | None = None
+        self._socket_path: Path | None = None
+
+    def app(self) -> web.Application:
+        """The aiohttp application (routes and the token check)."""
+        middlewares = [self._require_token] if self.settings.listen.is_tcp else []
+        app = web.Application(middlewares=middlewares)
+        app.add_routes(
+            [
+                web.get("/health", self._health),
+                web.get("/api/v1/clients", self._clients),
+                web.get("/api/v1/clients/{client_id}", self._client),
+                web.delete("/api/v1/clients/{client_id}", self._kick),
+                web.get("/api/v1/listeners", self._listeners_view),
+                web.get("/metrics", self._metrics),
+            ]
+        )
+        return app
+
+    async def start(self) -> str:
+        """Listen; returns where (``unix:PATH`` or ``IP:PORT``).
+
+        Raises:
+            AdminStartupError: the socket path is in use by a live broker, or cannot be bound.
+        """
+        listen = self.settings.listen
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        try:
+            if listen.path is not None:
+                path = Path(listen.path)
+                self._prepare_socket_path(path)
+                # Create the socket already private: no window where another user could connect.
+                old_umask = os.umask(0o177)
+                try:
+                    await web.UnixSite(self._runner, str(path)).start()
+                finally:
+                    os.umask(old_umask)
+                os.chmod(path, 0o600)
+                self._socket_path = path
+                return str(listen)
+            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+            await site.start()
+            server = site._server  # aiohttp exposes no public accessor for the bound port
+            sockets = getattr(server, "sockets", None) or []
+            host, port = sockets[0].getsockname()[:2] if sockets else (listen.host, listen.port)
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        except OSError as exc:
+            await self.stop()
+            raise AdminStartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror}") from None
+
+    @staticmethod
+    def _prepare_socket_path(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists() and not path.is_symlink():
+            return
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise AdminStartupError(f"admin.listen: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left behind by a broker that was killed
+            return
+        finally:
+            probe.close()
+        raise AdminStartupError(f"admin.listen: another broker is serving {path}")
+
+    async def stop(self) -> None:
+        """Stop serving and remove the socket file."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._socket_path is not None:
+            with contextlib.suppress(OSError):
+                self._socket_path.unlink()
+            self._socket_path = None
+
+    @web.middleware
+    async def _require_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        expected = f"Bearer {self.settings.token}".encode()
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            logger.warning("admin API: request without a valid token from %s refused", request.remote)
+            return _error(401, "UNAUTHORIZED", "missing or wrong bearer token (admin.token)")
+        return await handler(request)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _clients(self, request: web.Request) -> web.Response:
+        page = _int_param(request, "page", 1, 1, 10**9)
+        limit = _int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+        network: IPNetwork | None = None
+        if "ip" in request.query:
+            try:
+                network = parse_network(request.query["ip"])
+            except ValueError as exc:
+                return _error(400, "BAD_REQUEST", f"ip: {exc}")
+        listener = request.query.get("listener")
+        username = request.query.get("username")
+        views = self._engine.sessions()
+        if network is not None:
+            networks = Networks([network])
+            views = [v for v in views if networks.contains(v.address.ip)]
+        if listener is not None:
+            views = [v for v in views if v.listener_id == listener]
+        if username is not None:
+            views = [v for v in views if v.username == username]
+        start = (page - 1) * limit
+        chosen = views[start : start + limit]
+        meta = {"page": page, "limit": limit, "count": len(views), "hasnext": start + limit < len(views)}
+        return web.json_response({"data": [client_json(v) for v in chosen], "meta": meta})
+
+    async def _client(self, request: web.Request) -> web.Response:
+        client_id = request.match_info["client_id"]
+        view = self._engine.session(client_id)
+        if view is None:
+            return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
+        return web.json_response(client_json(view))
+
+    async def _kick(self, request: web.Request) -> web.Response:
+        client_id = request.match_info["client_id"]
+        if not await self._engine.kick(client_id):
+            return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
+        return web.Response(status=204)
+
+    async def _listeners_view(self, request: web.Request) -> web.Response:
+        data = []
+        for listener in self._listeners:
+            settings = listener.settings
+            data.append(
+                {
+                    "id": listener.id,
+                    "type": settings.type,
+                    "name": settings.name,
+                    "bind": str(settings.bind),
+                    "addresses": [f"{host}:{port}" for host, port in listener.addresses()],
+                    "proxy_protocol": settings.proxy_protocol.value,
+                    "trusted_proxies": [str(network) for network in settings.trusted_proxies],
+                    "max_connections": settings.max_connections or "infinity",
+                    "current_connections": listener.stats.current,
+                    "accepted": listener.stats.accepted,
+                    "refused": dict(sorted(listener.stats.refused.items())),
+                }
+            )
+        return web.json_response(data)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=render(self._collector), headers={"Content-Type": CONTENT_TYPE_LATEST})

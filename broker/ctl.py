@@ -1,0 +1,228 @@
+"""``realip-broker ctl``: the admin API from the command line (standard library only, no asyncio).
+
+``clients show`` prints one line like ``emqx ctl clients show``::
+
+    Client(dev-1, username=undefined, peername=203.0.113.7:4242, proxy=10.0.0.2:40110, listener=tcp:default,
+           address_source=proxy_protocol_v1, proto_ver=4, clean_start=true, keepalive=60,
+           connected_at=2026-11-27T03:36:05.011+00:00)
+
+Exit codes: 0 done; 1 the broker answered "not found" or could not be reached (one line on stderr
+naming what was tried, never a traceback); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from broker.errors import AdminError, ConfigError
+from broker.settings import AdminAddress, default_settings, load_settings_file, parse_admin_listen
+
+#: Seconds to wait for the broker's answer; the admin API answers from memory.
+TIMEOUT = 10.0
+
+#: Page size used to list every client (the API's maximum).
+PAGE = 10_000
+
+TOKEN_ENV = "REALIP_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AdminClient:
+    """Requests to one broker's admin API."""
+
+    def __init__(self, address: AdminAddress, token: str = "", timeout: float = TIMEOUT) -> None:
+        if address.path is None and address.host is None:
+            raise AdminError("the admin API is turned off (admin.listen is empty)")
+        self.address = address
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str) -> tuple[int, Any]:
+        """``(status, decoded JSON or text)``.
+
+        Raises:
+            AdminError: the broker could not be reached, refused the token, or answered garbage.
+        """
+        if self.address.path is not None:
+            connection: http.client.HTTPConnection = _UnixHTTPConnection(self.address.path, self.timeout)
+        else:
+            connection = http.client.HTTPConnection(
+                self.address.host or "", self.address.port, timeout=self.timeout
+            )
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise AdminError(
+                f"cannot reach the broker's admin API at {self.address}: {reason} (is the broker running?)"
+            ) from None
+        except http.client.HTTPException as exc:
+            raise AdminError(f"the admin API at {self.address} answered badly: {exc!r}") from None
+        finally:
+            connection.close()
+        if response.status == 401:
+            raise AdminError(
+                f"the admin API at {self.address} refused the token (401); pass --token or ${TOKEN_ENV}"
+            )
+        if not body:
+            return response.status, None
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            try:
+                return response.status, json.loads(body)
+            except ValueError:
+                raise AdminError(f"the admin API at {self.address} sent invalid JSON") from None
+        return response.status, body.decode("utf-8", "replace")
+
+
+def client_line(client: dict[str, Any]) -> str:
+    """The one-line form of a client (``clients show``)."""
+
+    def hostport(ip: str, port: int) -> str:
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    parts = [
+        str(client["clientid"]),
+        f"username={client['username'] if client['username'] is not None else 'undefined'}",
+        f"peername={hostport(client['ip_address'], client['port'])}",
+    ]
+    if client.get("proxy_address") is not None:
+        parts.append(f"proxy={hostport(client['proxy_address'], client['proxy_port'])}")
+    parts += [
+        f"listener={client['listener']}",
+        f"address_source={client['address_source']}",
+        f"proto_ver={client['proto_ver']}",
+        f"clean_start={'true' if client['clean_start'] else 'false'}",
+        f"keepalive={client['keepalive']}",
+        f"connected_at={client['connected_at']}",
+    ]
+    return f"Client({', '.join(parts)})"
+
+
+def listener_line(listener: dict[str, Any]) -> str:
+    """The one-line form of a listener (``ctl listeners``)."""
+    refused = ",".join(f"{reason}:{count}" for reason, count in listener["refused"].items()) or "none"
+    return (
+        f"{listener['id']:<16} bind={listener['bind']} proxy_protocol={listener['proxy_protocol']} "
+        f"connections={listener['current_connections']} accepted={listener['accepted']} refused={refused}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``ctl`` sub-command's arguments."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE", help="find the admin API as this settings file says")
+    where.add_argument("--admin", metavar="ADDR", help="unix:PATH or IP:PORT (default: unix:data/admin.sock)")
+    parser.add_argument(
+        "--token", help=f"bearer token for a TCP admin API (default: ${TOKEN_ENV} or the config's)"
+    )
+    topics = parser.add_subparsers(dest="topic", metavar="TOPIC", required=True)
+
+    clients = topics.add_parser("clients", help="connected clients")
+    actions = clients.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every connected client")
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="one client")
+    show.add_argument("client_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    kick = actions.add_parser("kick", help="disconnect a client and discard its session")
+    kick.add_argument("client_id", metavar="ID")
+    kick.add_argument("--json", action="store_true")
+
+    listeners = topics.add_parser("listeners", help="listeners with their counters")
+    listeners.add_argument("--json", action="store_true")
+
+
+def _client_for(args: argparse.Namespace) -> AdminClient:
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    if args.admin:
+        try:
+            return AdminClient(parse_admin_listen(args.admin), token)
+        except ValueError as exc:
+            raise AdminError(f"--admin: {exc}") from None
+    settings = default_settings() if args.config is None else load_settings_file(args.config)
+    return AdminClient(settings.admin.listen, token or settings.admin.token)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out one ``ctl`` command; returns the exit code."""
+    try:
+        client = _client_for(args)
+        if args.topic == "listeners":
+            _, data = client.request("GET", "/api/v1/listeners")
+            if args.json:
+                _print_json(data)
+            else:
+                for listener in data:
+                    print(listener_line(listener))
+            return 0
+        if args.action == "list":
+            return _list_clients(client, args.json)
+        path = f"/api/v1/clients/{quote(args.client_id, safe='')}"
+        method = "DELETE" if args.action == "kick" else "GET"
+        status, data = client.request(method, path)
+        if status == 404:
+            print(f"client {args.client_id} not found", file=sys.stderr)
+            return 1
+        if status >= 400:
+            raise AdminError(f"the admin API answered {status}: {data}")
+        if args.action == "kick":
+            if args.json:
+                _print_json({"clientid": args.client_id, "kicked": True})
+            else:
+                print("ok")
+        elif args.json:
+            _print_json(data)
+        else:
+            print(client_line(data))
+        return 0
+    except (AdminError, ConfigError) as exc:
+        print(f"realip-broker ctl: {exc}", file=sys.stderr)
+        return 1
+
+
+def _list_clients(client: AdminClient, as_json: bool) -> int:
+    clients: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        status, data = client.request("GET", f"/api/v1/clients?{urlencode({'page': page, 'limit': PAGE})}")
+        if status >= 400:
+            raise AdminError(f"the admin API answered {status}: {data}")
+        clients += data["data"]
+        if not data["meta"]["hasnext"]:
+            break
+        page += 1
+    if as_json:
+        _print_json(clients)
+    else:
+        for entry in clients:
+            print(client_line(entry))
+    return 0

@@ -1,0 +1,188 @@
+"""The admin API and ``realip-broker ctl`` against the real broker process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import REPO, WAIT, BrokerProcess, Clients, broker_config, client_info, ctl, listener_config
+
+BrokerFactory = Callable[..., BrokerProcess]
+TOKEN = "s3cret-token-0123456789"
+
+
+class _Unix(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=WAIT)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self._path)
+
+
+def get(broker: BrokerProcess, path: str) -> tuple[int, bytes, str]:
+    connection = _Unix(str(broker.workdir / "data" / "admin.sock"))
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read(), response.getheader("Content-Type", "")
+
+
+@pytest.fixture
+def broker(start_broker: BrokerFactory) -> BrokerProcess:
+    return start_broker(broker_config(tcp={"default": listener_config()}, ws={"default": listener_config()}))
+
+
+def test_the_admin_socket_is_private(broker: BrokerProcess) -> None:
+    mode = os.stat(broker.workdir / "data" / "admin.sock").st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(os.stat(broker.workdir / "data").st_mode) == 0o700
+
+
+def test_health_and_metrics(broker: BrokerProcess, clients: Clients) -> None:
+    assert get(broker, "/health")[:2] == (200, b'{"status": "ok"}')
+    port = broker.port("tcp:default")
+    sub = clients.new("m-sub").connect("127.0.0.1", port)
+    sub.subscribe("m/t", 1)
+    pub = clients.new("m-pub").connect("127.0.0.1", port)
+    for _ in range(3):
+        pub.publish("m/t", b"x", qos=1)
+        sub.expect()
+    with socket.create_connection(("127.0.0.1", broker.port("ws:default")), timeout=WAIT) as sock:
+        sock.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        sock.recv(100)
+    status, body, content_type = get(broker, "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain; version=")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert samples[("realip_connections", (("listener", "tcp:default"),))] == 2
+    assert samples[("realip_sessions_connected", ())] == 2
+    assert samples[("realip_messages_received_total", ())] == 3
+    assert samples[("realip_messages_sent_total", ())] == 3
+    assert (
+        samples[("realip_connections_refused_total", (("listener", "ws:default"), ("reason", "not_found")))]
+        == 1
+    )
+
+
+def test_clients_filters_and_paging(broker: BrokerProcess, clients: Clients) -> None:
+    port = broker.port("tcp:default")
+    for index, source in enumerate(["127.0.0.71", "127.0.0.72", "127.0.0.73"]):
+        clients.new(f"f-{index}").connect("127.0.0.1", port, bind_address=source)
+    clients.new("f-ws", transport="websockets").connect("127.0.0.1", broker.port("ws:default"))
+    client_info(broker, "f-ws")
+
+    def ids(query: str) -> list[str]:
+        status, body, _ = get(broker, f"/api/v1/clients?{query}")
+        assert status == 200, body
+        return sorted(c["clientid"] for c in json.loads(body)["data"])
+
+    assert ids("") == ["f-0", "f-1", "f-2", "f-ws"]
+    assert ids("ip=127.0.0.72") == ["f-1"]
+    assert ids("ip=127.0.0.72/31") == ["f-1", "f-2"]
+    assert ids("listener=ws:default") == ["f-ws"]
+    _, body, _ = get(broker, "/api/v1/clients?limit=2&page=2")
+    page = json.loads(body)
+    assert (len(page["data"]), page["meta"]) == (2, {"page": 2, "limit": 2, "count": 4, "hasnext": False})
+    assert get(broker, "/api/v1/clients?ip=10.0.0.300")[0] == 400
+    assert get(broker, "/api/v1/clients?limit=0")[0] == 400
+    assert get(broker, "/api/v1/clients/nobody")[:2] == (
+        404,
+        b'{"code": "CLIENTID_NOT_FOUND", "message": "client nobody not found"}',
+    )
+
+
+def test_ctl_listeners(broker: BrokerProcess) -> None:
+    result = ctl(broker, "listeners")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("tcp:default ") and "proxy_protocol=false connections=0" in lines[0]
+    assert lines[1].startswith("ws:default ")
+
+
+def test_ctl_errors_are_one_line(broker: BrokerProcess, tmp_path: Any) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "ctl", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+    missing = run("clients", "list")  # no broker serves tmp_path/data/admin.sock
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "realip-broker ctl: cannot reach the broker's admin API at unix:data/admin.sock: "
+        "No such file or directory (is the broker running?)"
+    )
+    refused = run("--admin", "127.0.0.1:1", "listeners")
+    assert refused.returncode == 1 and "Connection refused" in refused.stderr
+    bad = run("--admin", "nowhere", "listeners")
+    assert bad.returncode == 1 and "--admin: 'nowhere' is not 'unix:PATH' or 'IP:PORT'" in bad.stderr
+    usage = run("clients", "frobnicate")
+    assert usage.returncode == 2
+    for result in (missing, refused, bad, usage):
+        assert "Traceback" not in result.stderr
+
+
+def test_tcp_admin_requires_the_token(start_broker: BrokerFactory, clients: Clients) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        admin_port = probe.getsockname()[1]
+    broker = start_broker(
+        broker_config(
+            tcp={"default": listener_config()}, admin={"listen": f"127.0.0.1:{admin_port}", "token": TOKEN}
+        )
+    )
+    broker.wait_for_log(rf"admin API on 127\.0\.0\.1:{admin_port}")
+    clients.new("tok").connect("127.0.0.1", broker.port("tcp:default"))
+
+    def status(headers: dict[str, str]) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=WAIT)
+        connection.request("GET", "/api/v1/clients", headers=headers)
+        return connection.getresponse().status
+
+    assert status({}) == 401
+    assert status({"Authorization": "Bearer wrong"}) == 401
+    assert status({"Authorization": f"Bearer {TOKEN}"}) == 200
+    admin = f"127.0.0.1:{admin_port}"
+    wrong = ctl(broker, "--admin", admin, "--token", "nope", "clients", "list")
+    assert wrong.returncode == 1
+    assert "refused the token (401)" in wrong.stderr
+    good = ctl(broker, "--admin", admin, "--token", TOKEN, "clients", "show", "tok")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith("Client(tok, ")
+    via_config = ctl(broker, "--config", str(broker.config_path), "clients", "show", "tok", "--json")
+    assert json.loads(via_config.stdout)["clientid"] == "tok"
+
+
+def test_a_stale_socket_is_replaced_and_a_live_one_is_not(start_broker: BrokerFactory, tmp_path: Any) -> None:
+    first = start_broker(broker_config(tcp={"default": listener_config()}))
+    first.stop(sig=9)  # SIGKILL leaves the socket file behind
+    assert (first.workdir / "data" / "admin.sock").exists()
+    config = broker_config(tcp={"default": listener_config()})
+    again = BrokerProcess(config, first.workdir)
+    try:
+        again.wait_ready()
+        clash = BrokerProcess(config, first.workdir)
+        assert clash.proc.wait(WAIT) == 1
+        clash.wait_for_log(r"admin\.listen: another broker is serving data/admin\.sock")
+    finally:
+        again.stop()
