@@ -475,13 +475,14 @@ def _check_listener_rules(listeners: list[ListenerSettings], problems: list[Conf
                     "required with proxy_protocol: optional (a header is honoured only from these proxies)",
                 )
             )
-        # Interim: the address-learning half lands in the next commits; refuse rather than ignore.
-        if listener.type == "ws" and listener.proxy_protocol is not ProxyProtocolMode.OFF:
-            problems.append(ConfigProblem(f"{path}.proxy_protocol", "not implemented yet for ws listeners"))
-        if listener.websocket is not None and (
-            listener.websocket.proxy_address_header or listener.websocket.proxy_port_header
-        ):
-            problems.append(ConfigProblem(f"{path}.websocket", "address headers are not implemented yet"))
+        websocket = listener.websocket
+        if websocket is not None and websocket.proxy_port_header and not websocket.proxy_address_header:
+            problems.append(
+                ConfigProblem(
+                    f"{path}.websocket.proxy_port_header",
+                    "needs proxy_address_header (the port is taken from the same hop as the address)",
+                )
+            )
         if not listener.enable or listener.bind.port == 0:
             continue
         for other in seen:

@@ -52,9 +52,10 @@ Port:
    into a port list (same limits and character rules as the address header; no empty entry). With
    ``N`` addresses, ``M`` ports and the chosen hop ``h`` (0 = leftmost):
    - ``M == N``: the port at index ``h`` (both lists appended by the same proxies);
-   - ``M == 1``: the single port belongs to the leftmost address: used only when ``h == 0`` (one
-     NGINX setting ``X-Forwarded-Port $remote_port`` next to ``X-Forwarded-For $remote_addr``,
-     inner tiers appending the address list but passing the port on);
+   - ``M == 1``: the single port was set by the outermost proxy (``X-Forwarded-Port $remote_port``,
+     inner tiers passing it on) and belongs to the address that proxy saw: the leftmost entry in
+     leftmost mode (``h == 0``), the chosen hop in walk mode, where the chosen hop is the entry the
+     outermost trusted proxy appended. It is used as is;
    - otherwise the lists are aligned on the right (the innermost proxies append to both): the port at
      index ``h - (N - M)``, or 0 when that index is outside the port list.
    Only the port picked is interpreted; a malformed one is refused (``bad_port``).
@@ -573,7 +574,7 @@ def _port_from_header(lines: Sequence[str], header: str, hop: int, hops: int) ->
     if len(ports) == hops:
         index = hop
     elif len(ports) == 1:
-        index = 0 if hop == 0 else -1
+        index = 0
     else:
         index = hop - (hops - len(ports))
     if not 0 <= index < len(ports):

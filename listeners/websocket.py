@@ -1,18 +1,34 @@
-"""The WebSocket listener: MQTT over WebSocket on ``websocket.mqtt_path``, handed to the engine."""
+"""The WebSocket listener: MQTT over WebSocket on ``websocket.mqtt_path``, handed to the engine.
+
+The client's address is learned in two layers (DESIGN.md "Trust rules"):
+
+1. ``proxy_protocol``: a PROXY header before the HTTP request, consumed in ``data_received`` before
+   websockets' HTTP parser sees a byte (:class:`_AddressingConnection`); it gives the socket-level
+   peer, as on TCP listeners.
+2. ``websocket.proxy_address_header`` / ``proxy_port_header``: the upgrade request's headers,
+   resolved by :mod:`listeners.forwarded` against ``trusted_proxies`` in ``process_request``; a
+   malformed header from a trusted peer is answered 400 and never falls back to the proxy.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import http
 import logging
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from broker.settings import UNLIMITED, ListenerSettings
-from listeners.address import ClientAddress, format_hostport
+from broker.errors import ForwardedHeaderError, ProxyProtocolError
+from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
+from listeners.address import AddressSource, ClientAddress, format_hostport, normalize_ip
 from listeners.connection import ConnectionHandler, ListenerStats, WebSocketConnection
+from listeners.forwarded import HeaderRules, resolve
+from listeners.gate import ProxyGate, client_address, peer_refusal
+from listeners.proxy_protocol import NEED_DATA, ProxyHeader
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +43,112 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 OPEN_TIMEOUT = 10.0
 
 
+class _HandshakeLogFilter(logging.Filter):
+    """websockets logs every failed opening handshake (a TCP health check, a port scan, a refused
+    PROXY header) at ERROR with a traceback; that is routine for a listener behind a load balancer.
+    Such records become one DEBUG line; our own refusals are logged by us, with their reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "opening handshake failed" and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = "opening handshake failed: %s"
+            record.args = (f"{type(exc).__name__}: {exc}",)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_protocol_logger = logging.getLogger(f"{__name__}.protocol")
+_protocol_logger.addFilter(_HandshakeLogFilter())
+
+
+class _AddressingConnection(ServerConnection):
+    """A websockets connection that counts itself and reads a PROXY header before the HTTP request.
+
+    A subclass per listener sets :attr:`listener` (websockets takes a connection *class*).
+    """
+
+    listener: ClassVar[WebSocketListener]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.socket_peer: tuple[str, int] = ("", 0)
+        self.proxy_header: ProxyHeader | None = None
+        self.client: ClientAddress | None = None
+        self._gate: ProxyGate | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    @property
+    def peer(self) -> str:
+        """``ip:port`` of the socket peer."""
+        return format_hostport(*self.socket_peer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        listener = self.listener
+        peername = transport.get_extra_info("peername")
+        self.socket_peer = (str(peername[0]), int(peername[1]))
+        listener.stats.current += 1
+        listener.stats.accepted += 1
+        self._counted = True
+        settings = listener.settings
+        if settings.proxy_protocol is ProxyProtocolMode.OFF:
+            return
+        refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, self.socket_peer[0])
+        if refusal is not None:
+            self._refuse(refusal.reason, str(refusal))
+            return
+        self._gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, self.socket_peer[0])
+        self._timer = self.loop.call_later(settings.proxy_protocol_timeout, self._header_timeout)
+
+    def _refuse(self, reason: str, message: str) -> None:
+        self.listener.refuse(self.peer, reason, message)
+        self._gate = None
+        self.transport.abort()
+
+    def _header_timeout(self) -> None:
+        if self._gate is not None:
+            timeout = self.listener.settings.proxy_protocol_timeout
+            self._refuse("proxy_timeout", f"no complete PROXY header within {timeout:g}s")
+
+    def data_received(self, data: bytes) -> None:
+        gate = self._gate
+        if gate is None:
+            if not self.transport.is_closing():
+                super().data_received(data)
+            return
+        try:
+            result = gate.feed(data)
+        except ProxyProtocolError as exc:
+            self._refuse(exc.reason, str(exc))
+            return
+        if result is NEED_DATA:
+            return
+        self.proxy_header, rest = result
+        self._gate = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if rest:
+            super().data_received(rest)
+
+    def eof_received(self) -> None:
+        if self._gate is not None:  # closed before the PROXY header was complete
+            self._gate = None
+            self.transport.abort()
+            return
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._counted:
+            self.listener.stats.current -= 1
+            self._counted = False
+        super().connection_lost(exc)
+
+
 class WebSocketListener:
     """One ``listeners.ws.<name>``."""
 
@@ -36,8 +158,16 @@ class WebSocketListener:
         self.stats = ListenerStats()
         self._handler = handler
         self._path = settings.websocket.mqtt_path
+        self._rules = HeaderRules(
+            address_header=settings.websocket.proxy_address_header,
+            port_header=settings.websocket.proxy_port_header,
+            trusted_proxies=settings.trusted_proxies,
+        )
         self._server: Server | None = None
         self._connections: set[WebSocketConnection] = set()
+        self._connection_class = type(
+            "AddressingConnection", (_AddressingConnection,), {"listener": self, "__module__": __name__}
+        )
 
     @property
     def id(self) -> str:
@@ -57,12 +187,14 @@ class WebSocketListener:
             port=bind.port,
             subprotocols=SUBPROTOCOLS,
             process_request=self._process_request,
+            create_connection=self._connection_class,
             # MQTT has its own keepalive; permessage-deflate costs CPU for small binary packets.
             compression=None,
             ping_interval=None,
             max_size=MAX_MESSAGE_SIZE,
             open_timeout=OPEN_TIMEOUT,
             reuse_address=True,
+            logger=_protocol_logger,
         )
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -81,45 +213,78 @@ class WebSocketListener:
         for connection in list(self._connections):
             connection.abort()
 
+    def refuse(self, peer: str, reason: str, message: str) -> None:
+        """Count and log one refused connection (the caller closes or answers it)."""
+        self.stats.refuse(reason)
+        logger.warning("%s refused %s: %s [%s]", self.id, peer, message, reason)
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Answer before the upgrade: 404 for other paths, 503 when full."""
-        peer = format_hostport(*_peer(connection))
+        """Decide before the upgrade: 404 other paths, 503 when full, 400 bad address headers."""
+        assert isinstance(connection, _AddressingConnection)
+        peer = connection.peer
         if urlsplit(request.path).path != self._path:
             self.stats.refuse("not_found")
-            logger.info("%s refused %s: path %r is not %r", self.id, peer, request.path, self._path)
+            logger.info(
+                "%s refused %s: path %r is not %r [not_found]", self.id, peer, request.path, self._path
+            )
             return _respond(
                 connection, http.HTTPStatus.NOT_FOUND, f"Not Found: MQTT is served on {self._path}\n"
             )
         limit = self.settings.max_connections
-        if limit != UNLIMITED and self.stats.current >= limit:
-            self.stats.refuse("max_connections")
-            logger.warning("%s refused %s: max_connections (%d) reached", self.id, peer, limit)
+        if limit != UNLIMITED and self.stats.current > limit:  # this connection counts itself
+            self.refuse(peer, "max_connections", f"max_connections ({limit}) reached")
             return _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
+        base = client_address(connection.proxy_header, *connection.socket_peer)
+        try:
+            connection.client = self._resolve(base, request, connection.socket_peer)
+        except ForwardedHeaderError as exc:
+            self.refuse(peer, exc.reason, str(exc))
+            header = self._rules.address_header
+            return _respond(
+                connection, http.HTTPStatus.BAD_REQUEST, f"Bad Request: invalid {header} header\n"
+            )
         return None
 
+    def _resolve(self, base: ClientAddress, request: Request, socket_peer: tuple[str, int]) -> ClientAddress:
+        """Refine ``base`` (socket or PROXY address) with the request's address headers.
+
+        Raises:
+            ForwardedHeaderError: a header to be used is malformed.
+        """
+        if not self._rules.enabled:
+            return base
+        resolution = resolve(base.ip, base.port, request.headers.raw_items(), self._rules)
+        if resolution.source is AddressSource.SOCKET:
+            return base
+        details = dict(base.details)
+        details["forwarded"] = {
+            "header": self._rules.address_header,
+            "chain": list(resolution.chain),
+            "hop": resolution.hop,
+        }
+        return ClientAddress(
+            ip=resolution.ip,
+            port=resolution.port,
+            source=resolution.source,
+            proxy_ip=normalize_ip(socket_peer[0]),
+            proxy_port=socket_peer[1],
+            details=details,
+        )
+
     async def _on_websocket(self, websocket: ServerConnection) -> None:
-        peer_ip, peer_port = _peer(websocket)
+        assert isinstance(websocket, _AddressingConnection)
+        address = websocket.client or ClientAddress.direct(*websocket.socket_peer)
         connection = WebSocketConnection(websocket)
-        self.stats.current += 1
-        self.stats.accepted += 1
         self._connections.add(connection)
-        peer = format_hostport(peer_ip, peer_port)
-        logger.debug("%s: %s connected; %d live", self.id, peer, self.stats.current)
+        logger.debug("%s: %s upgraded; %d live", self.id, address.describe(), self.stats.current)
         try:
-            address = ClientAddress.direct(peer_ip, peer_port)
             await self._handler(connection, address, self.settings)
         except Exception:
-            logger.exception("%s: connection from %s failed", self.id, peer)
+            logger.exception("%s: connection from %s failed", self.id, websocket.peer)
         finally:
             self._connections.discard(connection)
-            self.stats.current -= 1
-            await connection.close()
-            logger.debug("%s: %s closed; %d live", self.id, peer, self.stats.current)
-
-
-def _peer(connection: ServerConnection) -> tuple[str, int]:
-    remote = connection.remote_address
-    return str(remote[0]), int(remote[1])
+            await connection.close()  # returns once the TCP connection is lost
+            logger.debug("%s: %s closed; %d live", self.id, websocket.peer, self.stats.current)
 
 
 def _respond(connection: ServerConnection, status: http.HTTPStatus, text: str) -> Response:

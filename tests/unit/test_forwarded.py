@@ -598,7 +598,11 @@ def test_forwarded_walk(headers: list[tuple[str, str]], expected: Outcome, hop: 
         pytest.param(f"{CLIENT}:5", ["garbage"], (), 5, id="entry-port-wins-header-not-read"),
         pytest.param(f"{CLIENT}, {LB1}", ["61177"], (), 61177, id="single-pairs-with-leftmost"),
         pytest.param(f"{CLIENT}, {LB1}", ["61177"], ("10.0.0.0/8",), 61177, id="single-leftmost-walked"),
-        pytest.param(f"{FORGED}, {CLIENT}", ["61177"], ("10.0.0.0/8",), 0, id="single-not-leftmost"),
+        # The outermost trusted proxy set the single port and appended the chosen hop (a forged entry
+        # left of it does not shift the pairing).
+        pytest.param(
+            f"{FORGED}, {CLIENT}", ["61177"], ("10.0.0.0/8",), 61177, id="single-pairs-with-walked-hop"
+        ),
         pytest.param(f"{FORGED}, {CLIENT}, {LB2}", ["1", "2", "3"], ("10.0.0.0/8",), 2, id="same-count"),
         pytest.param(f"{FORGED}, {CLIENT}, {LB2}", ["1, 2", "3"], ("10.0.0.0/8",), 2, id="same-count-lines"),
         pytest.param(f"{FORGED}, {CLIENT}, {LB2}", ["2, 3"], ("10.0.0.0/8",), 2, id="fewer-aligned-right"),
