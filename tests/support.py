@@ -213,6 +213,7 @@ class MqttClient:
         *,
         transport: str = "tcp",
         ws_path: str = "/mqtt",
+        ws_headers: dict[str, str] | None = None,
         clean_session: bool = True,
         protocol: int = paho.MQTTv311,
     ) -> None:
@@ -224,7 +225,7 @@ class MqttClient:
             clean_session=clean_session,
         )
         if transport == "websockets":
-            self.client.ws_set_options(path=ws_path)
+            self.client.ws_set_options(path=ws_path, headers=ws_headers)
         self.client_id = client_id
         self.messages: queue.Queue[Received] = queue.Queue()
         self.connack: queue.Queue[tuple[int, bool]] = queue.Queue()
@@ -305,6 +306,14 @@ class MqttClient:
         """Disconnect cleanly and stop the network thread."""
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def local_port(client: MqttClient) -> int:
+    """The client's own TCP port (what the broker should report as the client's port)."""
+    sock = client.client.socket()
+    assert sock is not None
+    raw = getattr(sock, "_socket", sock)  # paho wraps WebSocket transports
+    return int(raw.getsockname()[1])
 
 
 class Clients:

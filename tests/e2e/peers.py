@@ -116,10 +116,12 @@ class Nginx(_Process):
         assert check.returncode == 0, f"nginx -t failed:\n{check.stderr}\n{conf.read_text()}"
         super().__init__([binary, "-p", f"{workdir}/", "-c", str(conf), "-g", "daemon off;"], workdir)
 
-    @staticmethod
-    def http_block(workdir: Path, servers: str) -> str:
-        """An ``http {}`` block with the test's temp paths and ``servers`` inside."""
-        return "http {\n" + NGINX_HTTP_PREAMBLE.format(dir=workdir) + servers + "\n}\n"
+
+class NginxHttp(Nginx):
+    """NGINX with ``servers`` (an example's http-context lines) inside an ``http {}`` block."""
+
+    def __init__(self, workdir: Path, servers: str) -> None:
+        super().__init__(workdir, "http {\n" + NGINX_HTTP_PREAMBLE.format(dir=workdir) + servers + "\n}\n")
 
 
 class HAProxy(_Process):

@@ -23,10 +23,10 @@ from tests.support import (
     WAIT,
     BrokerProcess,
     Clients,
-    MqttClient,
     client_info,
     ctl,
     example_broker_config,
+    local_port,
 )
 
 pytestmark = pytest.mark.e2e
@@ -37,12 +37,6 @@ Peers = Callable[..., Any]
 EDGE = "127.0.0.50"  # the (first) load balancer tier connects from here
 INNER = "127.0.0.51"  # the second tier
 HAPROXY_SOURCE = "127.0.0.52"
-
-
-def local_port(client: MqttClient) -> int:
-    sock = client.client.socket()
-    assert sock is not None
-    return int(sock.getsockname()[1])
 
 
 def single_nginx(
