@@ -8,6 +8,10 @@ Endpoints (all answers are JSON except ``/metrics``):
 ``GET /api/v1/clients/{id}``        one client, 404 when not connected
 ``DELETE /api/v1/clients/{id}``     kick: disconnect and discard the session; 204, or 404
 ``GET /api/v1/listeners``           each listener: bind, mode, live connections, refusals by reason
+``GET /api/v1/banned``              bans: ``{"data": [{"as", "who", "reason", "by", "at", "until"}]}``
+``POST /api/v1/banned``             ``{"as": "peerhost"|"clientid"|"username", "who": ..., "reason"?,
+                                    "until"?: ISO 8601 or duration}``: 201 ``{"ban", "kicked"}``
+``DELETE /api/v1/banned/{as}/{who}``  lift a ban: 204, or 404
 ``GET /metrics``                    Prometheus text
 
 Errors are ``{"code": "...", "message": "..."}`` with a 4xx status.
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.bans import BanError
 from broker.engine import Engine, SessionView
 from broker.errors import RealIPError
 from broker.metrics import BrokerCollector, render
@@ -37,6 +42,7 @@ from listeners.address import IPNetwork, Networks, parse_network
 
 if TYPE_CHECKING:
     from broker.app import Listener
+    from broker.operations import Operations
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +101,13 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 class AdminServer:
     """The admin API of one broker process."""
 
-    def __init__(self, settings: AdminSettings, engine: Engine, listeners: Sequence[Listener]) -> None:
+    def __init__(
+        self, settings: AdminSettings, engine: Engine, listeners: Sequence[Listener], operations: Operations
+    ) -> None:
         self.settings = settings
         self._engine = engine
         self._listeners = listeners
+        self._operations = operations
         self._collector = BrokerCollector(lambda: self._listeners, engine.counters, engine.count)
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None
@@ -114,6 +123,9 @@ class AdminServer:
                 web.get("/api/v1/clients/{client_id}", self._client),
                 web.delete("/api/v1/clients/{client_id}", self._kick),
                 web.get("/api/v1/listeners", self._listeners_view),
+                web.get("/api/v1/banned", self._bans),
+                web.post("/api/v1/banned", self._ban),
+                web.delete("/api/v1/banned/{kind}/{who:.+}", self._unban),
                 web.get("/metrics", self._metrics),
             ]
         )
@@ -223,7 +235,7 @@ class AdminServer:
 
     async def _kick(self, request: web.Request) -> web.Response:
         client_id = request.match_info["client_id"]
-        if not await self._engine.kick(client_id):
+        if not await self._operations.kick(client_id):
             return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
         return web.Response(status=204)
 
@@ -247,6 +259,40 @@ class AdminServer:
                 }
             )
         return web.json_response(data)
+
+    async def _bans(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [ban.as_json() for ban in self._operations.bans]})
+
+    async def _ban(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "BAD_REQUEST", "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return _error(400, "BAD_REQUEST", "the body must be a JSON object")
+        unknown = set(body) - {"as", "who", "reason", "until"}
+        if unknown:
+            return _error(400, "BAD_REQUEST", f"unknown fields: {', '.join(sorted(unknown))}")
+        kind, who, reason, until = body.get("as"), body.get("who"), body.get("reason", ""), body.get("until")
+        if not isinstance(kind, str) or not isinstance(who, str):
+            return _error(400, "BAD_REQUEST", "'as' and 'who' are required strings")
+        if not isinstance(reason, str) or (until is not None and not isinstance(until, str)):
+            return _error(400, "BAD_REQUEST", "'reason' and 'until' must be strings")
+        try:
+            ban, kicked = await self._operations.add_ban(kind, who, reason=reason, until=until)
+        except BanError as exc:
+            return _error(400, "BAD_REQUEST", str(exc))
+        return web.json_response({"ban": ban.as_json(), "kicked": kicked}, status=201)
+
+    async def _unban(self, request: web.Request) -> web.Response:
+        kind, who = request.match_info["kind"], request.match_info["who"]
+        try:
+            removed = self._operations.delete_ban(kind, who)
+        except BanError as exc:
+            return _error(400, "BAD_REQUEST", str(exc))
+        if removed is None:
+            return _error(404, "NOT_FOUND", f"no {kind} ban on {who}")
+        return web.Response(status=204)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=render(self._collector), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -8,9 +8,13 @@ import logging
 import signal
 from pathlib import Path
 
+from broker.access import Gatekeeper
 from broker.admin import AdminServer
+from broker.audit import AuditLog
+from broker.bans import BanError, BanStore
 from broker.engine import Engine
 from broker.errors import RealIPError
+from broker.operations import AuditTrail, Operations
 from broker.settings import ListenerSettings, Settings
 from listeners.address import format_hostport
 from listeners.tcp import TcpListener
@@ -25,11 +29,19 @@ class StartupError(RealIPError):
     """The broker could not start (a port in use, an address not local...)."""
 
 
-def make_listener(settings: ListenerSettings, engine: Engine) -> Listener:
+#: Seconds between sweeps for expired bans (expired bans never match in between).
+BAN_PURGE_INTERVAL = 60.0
+
+
+def make_listener(
+    settings: ListenerSettings, engine: Engine, audit: AuditTrail, gatekeeper: Gatekeeper
+) -> Listener:
     """The listener object for one configured listener."""
     if settings.type == "ws":
-        return WebSocketListener(settings, engine.serve)
-    return TcpListener(settings, engine.serve)
+        return WebSocketListener(
+            settings, engine.serve, on_refused=audit.listener_refused, admit=gatekeeper.check_address
+        )
+    return TcpListener(settings, engine.serve, on_refused=audit.listener_refused)
 
 
 class BrokerApp:
@@ -37,14 +49,23 @@ class BrokerApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = Engine(connect_timeout=settings.mqtt.idle_timeout)
+        self.audit_log = AuditLog(settings.audit.file)
+        self.audit = AuditTrail(self.audit_log)
+        self.bans = BanStore(settings.node.data_dir)
+        self.gatekeeper = Gatekeeper(settings, self.bans)
+        self.engine = Engine(
+            connect_timeout=settings.mqtt.idle_timeout, gatekeeper=self.gatekeeper, hooks=self.audit
+        )
+        self.operations = Operations(self.engine, self.bans, self.audit)
         self.listeners: list[Listener] = [
-            make_listener(listener, self.engine) for listener in settings.enabled_listeners()
+            make_listener(listener, self.engine, self.audit, self.gatekeeper)
+            for listener in settings.enabled_listeners()
         ]
         self.admin: AdminServer | None = None
         if settings.admin.listen.path is not None or settings.admin.listen.is_tcp:
-            self.admin = AdminServer(settings.admin, self.engine, self.listeners)
+            self.admin = AdminServer(settings.admin, self.engine, self.listeners, self.operations)
         self._stopping = asyncio.Event()
+        self._purger: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the engine, every listener, then the admin API.
@@ -60,7 +81,18 @@ class BrokerApp:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StartupError(f"node.data_dir: cannot create {data_dir}: {exc.strerror}") from None
+        try:
+            self.bans.load()
+        except BanError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.audit_log.open()
+        except OSError as exc:
+            raise StartupError(
+                f"audit.file: cannot open {self.settings.audit.file}: {exc.strerror}"
+            ) from None
         await self.engine.start([listener.id for listener in self.listeners])
+        self._purger = asyncio.create_task(self._purge_bans())
         for listener in self.listeners:
             try:
                 await listener.start()
@@ -119,8 +151,20 @@ class BrokerApp:
         logger.info("%s received: stopping", signal.Signals(signum).name)
         self.request_stop()
 
+    async def _purge_bans(self) -> None:
+        while True:
+            await asyncio.sleep(BAN_PURGE_INTERVAL)
+            try:
+                for ban in self.bans.purge():
+                    logger.info("ban %s %s expired", ban.kind, ban.value)
+            except BanError as exc:
+                logger.error("%s", exc)
+
     async def stop(self) -> None:
         """Stop accepting, disconnect every client, drop what is left. Safe to call twice."""
+        if self._purger is not None:
+            self._purger.cancel()
+            self._purger = None
         for listener in self.listeners:
             listener.stop_accepting()
         if self.admin is not None:
@@ -131,4 +175,5 @@ class BrokerApp:
         # Let the connection tasks see their sockets close before the loop ends.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)
+        self.audit_log.close()
         logger.info("realip-broker stopped")

@@ -30,6 +30,8 @@ TIMEOUT = 10.0
 #: Page size used to list every client (the API's maximum).
 PAGE = 10_000
 
+BAN_KINDS = ("peerhost", "clientid", "username")
+
 TOKEN_ENV = "REALIP_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
@@ -59,7 +61,7 @@ class AdminClient:
         self.token = token
         self.timeout = timeout
 
-    def request(self, method: str, path: str) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """``(status, decoded JSON or text)``.
 
         Raises:
@@ -72,8 +74,12 @@ class AdminClient:
                 self.address.host or "", self.address.port, timeout=self.timeout
             )
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
-            connection.request(method, path, headers=headers)
+            connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             body = response.read()
         except OSError as exc:
@@ -156,6 +162,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listeners = topics.add_parser("listeners", help="listeners with their counters")
     listeners.add_argument("--json", action="store_true")
 
+    banned = topics.add_parser("banned", help="runtime bans by address, client id or username")
+    ban_actions = banned.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ban_list = ban_actions.add_parser("list", help="every ban in force")
+    ban_list.add_argument("--json", action="store_true")
+    ban_add = ban_actions.add_parser("add", help="ban, and kick the clients it matches")
+    ban_add.add_argument("kind", choices=BAN_KINDS, metavar="peerhost|clientid|username")
+    ban_add.add_argument("value", metavar="VALUE", help="an address or CIDR, a client id, a username")
+    ban_add.add_argument("--reason", default="")
+    ban_add.add_argument(
+        "--until", metavar="TIME|DURATION", help="e.g. 2026-12-01T00:00:00Z or 1h (default: forever)"
+    )
+    ban_add.add_argument("--json", action="store_true")
+    ban_delete = ban_actions.add_parser("delete", help="lift a ban")
+    ban_delete.add_argument("kind", choices=BAN_KINDS, metavar="peerhost|clientid|username")
+    ban_delete.add_argument("value", metavar="VALUE")
+    ban_delete.add_argument("--json", action="store_true")
+
 
 def _client_for(args: argparse.Namespace) -> AdminClient:
     token = args.token or os.environ.get(TOKEN_ENV, "")
@@ -184,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 for listener in data:
                     print(listener_line(listener))
             return 0
+        if args.topic == "banned":
+            return _banned(client, args)
         if args.action == "list":
             return _list_clients(client, args.json)
         path = f"/api/v1/clients/{quote(args.client_id, safe='')}"
@@ -225,4 +250,51 @@ def _list_clients(client: AdminClient, as_json: bool) -> int:
     else:
         for entry in clients:
             print(client_line(entry))
+    return 0
+
+
+def ban_line(ban: dict[str, Any]) -> str:
+    """The one-line form of a ban (``ctl banned list``)."""
+    until = ban["until"] or "forever"
+    reason = f" reason={ban['reason']!r}" if ban["reason"] else ""
+    return f"Banned({ban['as']}={ban['who']}, by={ban['by']}, at={ban['at']}, until={until}{reason})"
+
+
+def _banned(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        status, data = client.request("GET", "/api/v1/banned")
+        if status >= 400:
+            raise AdminError(f"the admin API answered {status}: {data}")
+        if args.json:
+            _print_json(data["data"])
+        else:
+            for ban in data["data"]:
+                print(ban_line(ban))
+        return 0
+    if args.action == "add":
+        body: dict[str, Any] = {"as": args.kind, "who": args.value, "reason": args.reason}
+        if args.until:
+            body["until"] = args.until
+        status, data = client.request("POST", "/api/v1/banned", body)
+        if status >= 400:
+            message = data.get("message", data) if isinstance(data, dict) else data
+            print(f"realip-broker ctl: {message}", file=sys.stderr)
+            return 1
+        if args.json:
+            _print_json(data)
+        else:
+            print(ban_line(data["ban"]))
+            for client_id in data["kicked"]:
+                print(f"kicked {client_id}")
+        return 0
+    path = f"/api/v1/banned/{quote(args.kind, safe='')}/{quote(args.value, safe='')}"
+    status, data = client.request("DELETE", path)
+    if status == 404:
+        print(f"no {args.kind} ban on {args.value}", file=sys.stderr)
+        return 1
+    if status >= 400:
+        message = data.get("message", data) if isinstance(data, dict) else data
+        print(f"realip-broker ctl: {message}", file=sys.stderr)
+        return 1
+    print(json.dumps({"as": args.kind, "who": args.value, "deleted": True}) if args.json else "ok")
     return 0

@@ -20,17 +20,19 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import amqtt
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
+from broker.access import Gatekeeper, Refusal
 from broker.errors import EngineError
 from broker.metrics import MessageCounters
 
@@ -104,6 +106,9 @@ class _ConnectionWriter(WriterAdapter):
         self.counters = counters
         self.connected_at: float | None = None
         self.proto_ver = _PROTOCOL_LEVEL
+        #: Why the connection ended, once known: client_disconnect, connection_lost, kicked,
+        #: takeover, shutdown.
+        self.end_reason: str | None = None
 
     def write(self, data: bytes) -> None:
         if data and data[0] >> 4 == _PUBLISH:
@@ -153,6 +158,44 @@ class SessionView:
     proto_ver: int
 
 
+class EngineHooks(Protocol):
+    """What the engine reports (the audit log implements it)."""
+
+    def connected(self, view: SessionView) -> None:
+        """A client was admitted (after CONNACK)."""
+
+    def disconnected(self, view: SessionView, reason: str) -> None:
+        """A client's connection ended."""
+
+    def refused(
+        self,
+        listener_id: str,
+        address: ClientAddress,
+        reason: str,
+        client_id: str | None,
+        username: str | None,
+    ) -> None:
+        """A CONNECT was refused (CONNACK 5)."""
+
+
+class _NoHooks:
+    def connected(self, view: SessionView) -> None:
+        pass
+
+    def disconnected(self, view: SessionView, reason: str) -> None:
+        pass
+
+    def refused(
+        self,
+        listener_id: str,
+        address: ClientAddress,
+        reason: str,
+        client_id: str | None,
+        username: str | None,
+    ) -> None:
+        pass
+
+
 class _Broker(Broker):
     """amqtt's Broker with its connection lifecycle replaced (``_client_connected``).
 
@@ -160,8 +203,9 @@ class _Broker(Broker):
     up sessions on reconnect. This lifecycle decides in a fixed order:
 
     1. read the CONNECT within ``connect_timeout`` (amqtt waits forever: AMQTT.md fault d);
-    2. decide admission (authentication) before touching any existing session, so a refused client
-       can neither wipe nor take over a session (faults b, c) and leaves no "connected" ghost;
+    2. decide admission (access lists and bans on the real address, client id and username, then
+       authentication) before touching any existing session, so a refused client can neither wipe
+       nor take over a session (faults b, c) and leaves no "connected" ghost;
     3. take over a connected session of the same client id by closing the old connection and
        waiting for it to wind down [MQTT-3.1.4-2] (amqtt left it running on a clean-session CONNECT);
     4. resume a persistent session with the *new* connection's address and TLS state (fault a:
@@ -170,10 +214,20 @@ class _Broker(Broker):
        CONNECT, the retained messages matching *any* client's subscription, to the new client).
     """
 
-    def __init__(self, config: dict[str, Any], *, connect_timeout: float, counters: MessageCounters) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        connect_timeout: float,
+        counters: MessageCounters,
+        gatekeeper: Gatekeeper | None,
+        hooks: EngineHooks,
+    ) -> None:
         super().__init__(config)
         self.connect_timeout = connect_timeout
         self.counters = counters
+        self.gatekeeper = gatekeeper
+        self.hooks = hooks
         # client id -> set once the connection currently attached to that session has ended.
         self._flows: dict[str, asyncio.Event] = {}
 
@@ -198,8 +252,19 @@ class _Broker(Broker):
             await writer.close()
             return
         client_id = incoming.client_id or ""
-        if not await self._authenticate(incoming, self.listeners_config[listener_name]):
-            logger.info("%s: client %r refused: not authorized", who, client_id)
+        refusal = None
+        if self.gatekeeper is not None:
+            refusal = self.gatekeeper.check_client(
+                writer.listener_id, writer.address.ip, client_id, incoming.username
+            )
+        if refusal is None and not await self._authenticate(incoming, self.listeners_config[listener_name]):
+            refusal = Refusal("auth", "not authorized by the authentication plugins")
+        if refusal is not None:
+            logger.warning("%s: client %r refused: %s [%s]", who, client_id, refusal.message, refusal.reason)
+            self.hooks.refused(
+                writer.listener_id, writer.address, refusal.reason, client_id, incoming.username
+            )
+            # [MQTT-3.2.2-4] a refusing CONNACK has session present 0; then close [MQTT-3.2.2-5].
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             return
@@ -230,10 +295,12 @@ class _Broker(Broker):
 
     async def _take_over(self, client_id: str, old_handler: BrokerProtocolHandler) -> None:
         logger.info("client %r connected again: closing its previous connection", client_id)
-        await self.disconnect(client_id, old_handler)
+        await self.disconnect(client_id, old_handler, "takeover")
 
-    async def disconnect(self, client_id: str, handler: BrokerProtocolHandler) -> None:
+    async def disconnect(self, client_id: str, handler: BrokerProtocolHandler, reason: str) -> None:
         """Close a client's connection as if it dropped, and wait (bounded) for its flow to end."""
+        if isinstance(handler.writer, _ConnectionWriter) and handler.writer.end_reason is None:
+            handler.writer.end_reason = reason
         flow_ended = self._flows.get(client_id)
         await handler.handle_connection_closed()
         await handler.stop()
@@ -249,6 +316,15 @@ class _Broker(Broker):
         if wait_deliver.result() is not None:
             self.counters.received += 1
         return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        writer = handler.writer
+        if isinstance(writer, _ConnectionWriter) and writer.end_reason is None:
+            clean = isinstance(disconnect_waiter.result(), DisconnectPacket)
+            writer.end_reason = "client_disconnect" if clean else "connection_lost"
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def _run_session(
         self, session: Session, handler: BrokerProtocolHandler, reader: ReaderAdapter, writer: WriterAdapter
@@ -267,6 +343,7 @@ class _Broker(Broker):
             await handler.mqtt_connack_authorize(True)
             writer.connected_at = time.time()
             logger.info("%s connected", who)
+            self.hooks.connected(_make_view(session, writer))
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
             )
@@ -284,15 +361,26 @@ class _Broker(Broker):
                 if session.clean_session:
                     await self._cleanup_session(client_id)  # [MQTT-3.1.2-6]
             flow_ended.set()
-            logger.info("%s disconnected", who)
+            reason = writer.end_reason or "connection_lost"
+            logger.info("%s disconnected (%s)", who, reason)
+            if writer.connected_at is not None:
+                self.hooks.disconnected(_make_view(session, writer), reason)
 
 
 class Engine:
     """The amqtt broker behind our listeners."""
 
-    def __init__(self, *, connect_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 15.0,
+        gatekeeper: Gatekeeper | None = None,
+        hooks: EngineHooks | None = None,
+    ) -> None:
         self._broker: _Broker | None = None
         self._connect_timeout = connect_timeout
+        self._gatekeeper = gatekeeper
+        self._hooks: EngineHooks = hooks or _NoHooks()
         self.counters = MessageCounters()
 
     @staticmethod
@@ -315,7 +403,11 @@ class Engine:
         check_amqtt_version()
         try:
             self._broker = _Broker(
-                self.amqtt_config(listener_ids), connect_timeout=self._connect_timeout, counters=self.counters
+                self.amqtt_config(listener_ids),
+                connect_timeout=self._connect_timeout,
+                counters=self.counters,
+                gatekeeper=self._gatekeeper,
+                hooks=self._hooks,
             )
             await self._broker.start()
         except Exception as exc:
@@ -350,14 +442,14 @@ class Engine:
         """How many clients are connected."""
         return len(self.sessions())
 
-    async def kick(self, client_id: str) -> bool:
+    async def kick(self, client_id: str, reason: str = "kicked") -> bool:
         """Disconnect a connected client and discard its session; False if it is not connected."""
         broker = self._broker
         entry = None if broker is None else broker.sessions.get(client_id)
         if broker is None or entry is None or _view(*entry) is None:
             return False
-        logger.info("client %r kicked by an operator", client_id)
-        await broker.disconnect(client_id, entry[1])
+        logger.info("client %r kicked (%s)", client_id, reason)
+        await broker.disconnect(client_id, entry[1], reason)
         if client_id in broker.sessions and broker.sessions[client_id][0] is entry[0]:
             await broker._cleanup_session(client_id)
         return True
@@ -367,6 +459,9 @@ class Engine:
         broker, self._broker = self._broker, None
         if broker is None:
             return
+        for _, handler in broker.sessions.values():
+            if isinstance(handler.writer, _ConnectionWriter) and handler.writer.end_reason is None:
+                handler.writer.end_reason = "shutdown"
         try:
             await asyncio.wait_for(broker.shutdown(), SHUTDOWN_TIMEOUT)
         except TimeoutError:
@@ -383,6 +478,10 @@ def _view(session: Session, handler: BrokerProtocolHandler) -> SessionView | Non
         return None
     if writer.connected_at is None:  # CONNACK not sent yet
         return None
+    return _make_view(session, writer)
+
+
+def _make_view(session: Session, writer: _ConnectionWriter) -> SessionView:
     return SessionView(
         client_id=session.client_id or "",
         username=session.username,
@@ -390,6 +489,6 @@ def _view(session: Session, handler: BrokerProtocolHandler) -> SessionView | Non
         listener_id=writer.listener_id,
         clean_session=bool(session.clean_session),
         keepalive=session.keep_alive,
-        connected_at=writer.connected_at,
+        connected_at=writer.connected_at or 0.0,
         proto_ver=writer.proto_ver,
     )

@@ -253,6 +253,21 @@ class WebSocketOptions:
 
 
 @dataclass(frozen=True)
+class AccessSettings:
+    """``access`` (global) or ``listeners.<type>.<name>.access``: networks by real address.
+
+    ``deny`` wins over ``allow``; a non-empty ``allow`` refuses every address outside it.
+    """
+
+    allow: Networks = field(default_factory=Networks, metadata={"networks": True})
+    deny: Networks = field(default_factory=Networks, metadata={"networks": True})
+
+    def refuses(self, ip: str) -> bool:
+        """Whether a client at ``ip`` is refused. Never raises."""
+        return self.deny.contains(ip) or (bool(self.allow) and not self.allow.contains(ip))
+
+
+@dataclass(frozen=True)
 class ListenerSettings:
     """One listener: ``listeners.<type>.<name>``."""
 
@@ -266,7 +281,9 @@ class ListenerSettings:
     )
     proxy_protocol_timeout: float = setting(3.0, parse_duration, format_duration)
     trusted_proxies: Networks = field(default_factory=Networks, metadata={"networks": True})
-    websocket: WebSocketOptions | None = None
+    websocket: WebSocketOptions | None = field(default=None, metadata={"section": WebSocketOptions})
+    #: When set, replaces the global ``access`` for this listener.
+    access: AccessSettings | None = field(default=None, metadata={"section": AccessSettings})
 
     @property
     def id(self) -> str:
@@ -345,6 +362,14 @@ class MqttSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``audit``: the audit log, one JSON object per line."""
+
+    #: Path of the log ("" = off); reopened when logrotate moves it away.
+    file: str = setting("", lambda v: v if v == "" else parse_text(v))
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole effective configuration."""
 
@@ -352,6 +377,12 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+
+    def access_for(self, listener: ListenerSettings) -> AccessSettings:
+        """The access rules of a listener: its own when it has them, else the global ones."""
+        return listener.access if listener.access is not None else self.access
 
     def enabled_listeners(self) -> tuple[ListenerSettings, ...]:
         """The listeners to start, in start order."""
@@ -398,9 +429,7 @@ def _build(
     """
     mapping = _check_mapping(raw, path, problems) or {}
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}  # type: ignore[arg-type]
-    settable = [
-        name for name, f in fields.items() if (f.metadata or name == "websocket") and name not in exclude
-    ]
+    settable = [name for name, f in fields.items() if f.metadata and name not in exclude]
     values: dict[str, Any] = dict(fixed)
     for key, value in mapping.items():
         key_path = f"{path}.{key}" if path else str(key)
@@ -415,8 +444,8 @@ def _build(
                 problems.append(ConfigProblem(key_path, str(exc)))
         elif "networks" in meta:
             values[key] = _parse_networks_into(value, key_path, problems)
-        elif key == "websocket":
-            values[key] = _build(WebSocketOptions, value, key_path, problems)
+        elif "section" in meta:
+            values[key] = _build(meta["section"], value, key_path, problems)
     return cls(**values)
 
 
@@ -500,7 +529,7 @@ def _check_listener_rules(listeners: list[ListenerSettings], problems: list[Conf
         seen.append(listener)
 
 
-_SECTIONS = ("listeners", "node", "mqtt", "admin")
+_SECTIONS = ("listeners", "node", "mqtt", "admin", "access", "audit")
 
 
 def load_settings(raw: Any, source: str = "") -> Settings:
@@ -518,6 +547,8 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     node = _build(NodeSettings, document.get("node"), "node", problems)
     mqtt = _build(MqttSettings, document.get("mqtt"), "mqtt", problems)
     admin = _build(AdminSettings, document.get("admin"), "admin", problems)
+    access = _build(AccessSettings, document.get("access"), "access", problems)
+    audit = _build(AuditSettings, document.get("audit"), "audit", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
         problems.append(
             ConfigProblem(
@@ -527,7 +558,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         )
     if problems:
         raise ConfigError(problems, source)
-    return Settings(listeners=listeners, node=node, mqtt=mqtt, admin=admin)
+    return Settings(listeners=listeners, node=node, mqtt=mqtt, admin=admin, access=access, audit=audit)
 
 
 def load_settings_file(path: str | Path) -> Settings:
@@ -565,6 +596,7 @@ def _dump_dataclass(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             out[f.name] = [str(network) for network in value]
         elif dataclasses.is_dataclass(value):
             out[f.name] = _dump_dataclass(value)
+        # None-valued optional sections (a tcp listener's websocket, an unset access) are left out.
     return out
 
 
@@ -573,12 +605,12 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
     listeners: dict[str, dict[str, Any]] = {}
     for listener in settings.listeners:
         entry = _dump_dataclass(listener, skip=("type", "name"))
-        if listener.websocket is None:
-            entry.pop("websocket", None)
         listeners.setdefault(listener.type, {})[listener.name] = entry
     return {
         "listeners": listeners,
         "node": _dump_dataclass(settings.node),
         "mqtt": _dump_dataclass(settings.mqtt),
         "admin": _dump_dataclass(settings.admin),
+        "access": _dump_dataclass(settings.access),
+        "audit": _dump_dataclass(settings.audit),
     }

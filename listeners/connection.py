@@ -55,6 +55,25 @@ class Connection(Protocol):
 ConnectionHandler = Callable[["Connection", "ClientAddress", "ListenerSettings"], Awaitable[None]]
 
 
+class Verdict(Protocol):
+    """A refusal decided outside the listener (access lists, bans)."""
+
+    @property
+    def reason(self) -> str:
+        """Short code (metrics and audit label)."""
+
+    @property
+    def message(self) -> str:
+        """What was wrong, for the log."""
+
+
+#: Asked with (listener id, real client IP) as soon as a listener knows the address; ``None`` admits.
+AddressCheck = Callable[[str, str], "Verdict | None"]
+
+#: Told of every connection a listener refuses: (listener id, client address, reason).
+RefusalHook = Callable[[str, "ClientAddress", str], None]
+
+
 @dataclass
 class ListenerStats:
     """Live counters of one listener, read by the admin API and metrics."""
@@ -63,9 +82,21 @@ class ListenerStats:
     accepted: int = 0
     refused: Counter[str] = field(default_factory=Counter)
 
-    def refuse(self, reason: str) -> None:
-        """Count one refused connection under ``reason`` (a metrics label)."""
-        self.refused[reason] += 1
+
+def refuse(
+    listener_id: str,
+    stats: ListenerStats,
+    hook: RefusalHook | None,
+    address: ClientAddress,
+    *,
+    reason: str,
+    message: str,
+) -> None:
+    """Count, log once (socket peer, reason, and the real client when known) and report a refusal."""
+    stats.refused[reason] += 1
+    logger.warning("%s refused %s: %s [%s]", listener_id, address.describe(), message, reason)
+    if hook is not None:
+        hook(listener_id, address, reason)
 
 
 class StreamConnection:

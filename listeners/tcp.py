@@ -9,8 +9,8 @@ import socket
 
 from broker.errors import ProxyProtocolError
 from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
-from listeners.address import format_hostport
-from listeners.connection import ConnectionHandler, ListenerStats, StreamConnection
+from listeners.address import ClientAddress
+from listeners.connection import ConnectionHandler, ListenerStats, RefusalHook, StreamConnection, refuse
 from listeners.gate import ProxyGate, client_address, peer_refusal
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
 
@@ -28,10 +28,13 @@ STREAM_LIMIT = 64 * 1024
 class TcpListener:
     """One ``listeners.tcp.<name>``: an asyncio server whose connections go to ``handler``."""
 
-    def __init__(self, settings: ListenerSettings, handler: ConnectionHandler) -> None:
+    def __init__(
+        self, settings: ListenerSettings, handler: ConnectionHandler, *, on_refused: RefusalHook | None = None
+    ) -> None:
         self.settings = settings
         self.stats = ListenerStats()
         self._handler = handler
+        self._on_refused = on_refused
         self._server: asyncio.Server | None = None
         self._connections: set[StreamConnection] = set()
 
@@ -71,23 +74,24 @@ class TcpListener:
         for connection in list(self._connections):
             connection.abort()
 
-    def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str, message: str) -> None:
-        """Count, log once, and drop a connection."""
-        self.stats.refuse(reason)
-        logger.warning("%s refused %s: %s [%s]", self.id, peer, message, reason)
+    def _refuse(self, writer: asyncio.StreamWriter, peer: ClientAddress, reason: str, message: str) -> None:
+        """Count, log once, report, and drop a connection."""
+        refuse(self.id, self.stats, self._on_refused, peer, reason=reason, message=message)
         writer.transport.abort()
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_ip, peer_port = (str(part) for part in writer.get_extra_info("peername")[:2])
-        peer = format_hostport(peer_ip, int(peer_port))
+        peername = writer.get_extra_info("peername")
+        peer_ip, peer_port = str(peername[0]), int(peername[1])
+        socket_peer = ClientAddress.direct(peer_ip, peer_port)
+        peer = socket_peer.peername
         settings = self.settings
         limit = settings.max_connections
         if limit != UNLIMITED and self.stats.current >= limit:
-            self._refuse(writer, peer, "max_connections", f"max_connections ({limit}) reached")
+            self._refuse(writer, socket_peer, "max_connections", f"max_connections ({limit}) reached")
             return
         refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer_ip)
         if refusal is not None:
-            self._refuse(writer, peer, refusal.reason, str(refusal))
+            self._refuse(writer, socket_peer, refusal.reason, str(refusal))
             return
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -109,16 +113,16 @@ class TcpListener:
                 except TimeoutError:
                     timeout = settings.proxy_protocol_timeout
                     self._refuse(
-                        writer, peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s"
+                        writer, socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s"
                     )
                     return
                 except ProxyProtocolError as exc:
-                    self._refuse(writer, peer, exc.reason, str(exc))
+                    self._refuse(writer, socket_peer, exc.reason, str(exc))
                     return
                 except (asyncio.IncompleteReadError, ConnectionError):
                     logger.debug("%s: %s closed before sending a PROXY header", self.id, peer)
                     return
-            address = client_address(header, peer_ip, int(peer_port))
+            address = client_address(header, peer_ip, peer_port)
             connection = StreamConnection(reader, writer, pending)
             self._connections.add(connection)
             await self._handler(connection, address, settings)

@@ -25,7 +25,14 @@ from websockets.typing import Subprotocol
 from broker.errors import ForwardedHeaderError, ProxyProtocolError
 from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
 from listeners.address import AddressSource, ClientAddress, format_hostport, normalize_ip
-from listeners.connection import ConnectionHandler, ListenerStats, WebSocketConnection
+from listeners.connection import (
+    AddressCheck,
+    ConnectionHandler,
+    ListenerStats,
+    RefusalHook,
+    WebSocketConnection,
+    refuse,
+)
 from listeners.forwarded import HeaderRules, resolve
 from listeners.gate import ProxyGate, client_address, peer_refusal
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
@@ -104,7 +111,7 @@ class _AddressingConnection(ServerConnection):
         self._timer = self.loop.call_later(settings.proxy_protocol_timeout, self._header_timeout)
 
     def _refuse(self, reason: str, message: str) -> None:
-        self.listener.refuse(self.peer, reason, message)
+        self.listener.refuse(ClientAddress.direct(*self.socket_peer), reason, message)
         self._gate = None
         self.transport.abort()
 
@@ -152,11 +159,20 @@ class _AddressingConnection(ServerConnection):
 class WebSocketListener:
     """One ``listeners.ws.<name>``."""
 
-    def __init__(self, settings: ListenerSettings, handler: ConnectionHandler) -> None:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        handler: ConnectionHandler,
+        *,
+        on_refused: RefusalHook | None = None,
+        admit: AddressCheck | None = None,
+    ) -> None:
         assert settings.websocket is not None, "ws listeners always have websocket options"
         self.settings = settings
         self.stats = ListenerStats()
         self._handler = handler
+        self._on_refused = on_refused
+        self._admit = admit
         self._path = settings.websocket.mqtt_path
         self._rules = HeaderRules(
             address_header=settings.websocket.proxy_address_header,
@@ -213,36 +229,41 @@ class WebSocketListener:
         for connection in list(self._connections):
             connection.abort()
 
-    def refuse(self, peer: str, reason: str, message: str) -> None:
-        """Count and log one refused connection (the caller closes or answers it)."""
-        self.stats.refuse(reason)
-        logger.warning("%s refused %s: %s [%s]", self.id, peer, message, reason)
+    def refuse(self, address: ClientAddress, reason: str, message: str) -> None:
+        """Count, log and report one refused connection (the caller closes or answers it)."""
+        refuse(self.id, self.stats, self._on_refused, address, reason=reason, message=message)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Decide before the upgrade: 404 other paths, 503 when full, 400 bad address headers."""
+        """Decide before the upgrade: 404 other paths, 503 when full, 400 malformed address
+        headers, 403 addresses refused by access rules or bans."""
         assert isinstance(connection, _AddressingConnection)
-        peer = connection.peer
+        base = client_address(connection.proxy_header, *connection.socket_peer)
         if urlsplit(request.path).path != self._path:
-            self.stats.refuse("not_found")
+            # Not counted as a refusal for the audit log: a browser or scanner asking for a page.
+            self.stats.refused["not_found"] += 1
             logger.info(
-                "%s refused %s: path %r is not %r [not_found]", self.id, peer, request.path, self._path
+                "%s: %s asked for %r, not %r [not_found]", self.id, base.describe(), request.path, self._path
             )
             return _respond(
                 connection, http.HTTPStatus.NOT_FOUND, f"Not Found: MQTT is served on {self._path}\n"
             )
         limit = self.settings.max_connections
         if limit != UNLIMITED and self.stats.current > limit:  # this connection counts itself
-            self.refuse(peer, "max_connections", f"max_connections ({limit}) reached")
+            self.refuse(base, "max_connections", f"max_connections ({limit}) reached")
             return _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
-        base = client_address(connection.proxy_header, *connection.socket_peer)
         try:
-            connection.client = self._resolve(base, request, connection.socket_peer)
+            client = self._resolve(base, request, connection.socket_peer)
         except ForwardedHeaderError as exc:
-            self.refuse(peer, exc.reason, str(exc))
+            self.refuse(base, exc.reason, str(exc))
             header = self._rules.address_header
             return _respond(
                 connection, http.HTTPStatus.BAD_REQUEST, f"Bad Request: invalid {header} header\n"
             )
+        verdict = None if self._admit is None else self._admit(self.id, client.ip)
+        if verdict is not None:
+            self.refuse(client, verdict.reason, verdict.message)
+            return _respond(connection, http.HTTPStatus.FORBIDDEN, "Forbidden\n")
+        connection.client = client
         return None
 
     def _resolve(self, base: ClientAddress, request: Request, socket_peer: tuple[str, int]) -> ClientAddress:

@@ -1,0 +1,118 @@
+"""What operators do to a running broker (kick, ban, unban) and what it records (the audit trail).
+
+Shared by the admin API and the engine's hooks so that every path writes the same audit records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from broker.audit import AuditLog, address_fields
+from broker.bans import Ban, BanStore, parse_until
+from broker.engine import Engine, SessionView
+from listeners.address import ClientAddress
+
+logger = logging.getLogger(__name__)
+
+
+class AuditTrail:
+    """Turns engine and listener events into audit records (implements ``EngineHooks``)."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+
+    def _client(self, event: str, view: SessionView, **extra: Any) -> None:
+        self.log.write(
+            event,
+            listener=view.listener_id,
+            clientid=view.client_id,
+            username=view.username,
+            **address_fields(view.address),
+            **extra,
+        )
+
+    def connected(self, view: SessionView) -> None:
+        """A client was admitted."""
+        self._client("connected", view)
+
+    def disconnected(self, view: SessionView, reason: str) -> None:
+        """A client's connection ended."""
+        self._client("disconnected", view, reason=reason)
+
+    def refused(
+        self,
+        listener_id: str,
+        address: ClientAddress,
+        reason: str,
+        client_id: str | None,
+        username: str | None,
+    ) -> None:
+        """A CONNECT was refused (access, ban, auth)."""
+        self.log.write(
+            "refused",
+            listener=listener_id,
+            clientid=client_id,
+            username=username,
+            reason=reason,
+            **address_fields(address),
+        )
+
+    def listener_refused(self, listener_id: str, address: ClientAddress, reason: str) -> None:
+        """A connection was refused before MQTT (PROXY or header error, access, limits)."""
+        self.log.write("refused", listener=listener_id, reason=reason, **address_fields(address))
+
+
+class Operations:
+    """Kick and ban, with their audit records."""
+
+    def __init__(self, engine: Engine, bans: BanStore, audit: AuditTrail) -> None:
+        self.engine = engine
+        self.bans = bans
+        self.audit = audit
+
+    async def kick(self, client_id: str, *, by: str = "admin", reason: str = "kicked") -> bool:
+        """Disconnect a client and discard its session; False if it is not connected."""
+        view = self.engine.session(client_id)
+        if view is None or not await self.engine.kick(client_id, reason):
+            return False
+        self.audit._client("kicked", view, by=by, reason=reason)
+        return True
+
+    async def add_ban(
+        self, kind: str, value: str, *, reason: str = "", until: str | None = None, by: str = "admin"
+    ) -> tuple[Ban, list[str]]:
+        """Ban, persist, and kick the live clients the ban matches; returns the ban and who was kicked.
+
+        Raises:
+            BanError: invalid kind, value or until, or the ban file cannot be written.
+        """
+        now = time.time()
+        ban = self.bans.add(
+            Ban(kind, value, reason, by, now, None if until is None else parse_until(until, now))
+        )
+        self.audit.log.write(
+            "ban_added", **{"as": ban.kind, "who": ban.value}, reason=reason, by=by, until=ban.until
+        )
+        kicked = []
+        for view in self.engine.sessions():
+            matches = ban.applies_to(view.address.ip, view.client_id, view.username)
+            if matches and await self.kick(view.client_id, by=by, reason="banned"):
+                kicked.append(view.client_id)
+        if kicked:
+            logger.info(
+                "ban %s %s kicked %d client(s): %s", ban.kind, ban.value, len(kicked), ", ".join(kicked)
+            )
+        return ban, kicked
+
+    def delete_ban(self, kind: str, value: str, *, by: str = "admin") -> Ban | None:
+        """Lift a ban; ``None`` if there was none.
+
+        Raises:
+            BanError: invalid kind or value, or the ban file cannot be written.
+        """
+        ban = self.bans.delete(kind, value)
+        if ban is not None:
+            self.audit.log.write("ban_deleted", **{"as": ban.kind, "who": ban.value}, by=by)
+        return ban
