@@ -193,6 +193,10 @@ def broker_config(
 # ------------------------------------------------------------------------------------------------
 
 
+#: paho 2 reports an MQTT 3.1.1 CONNACK return code as the MQTT 5 reason code of the same meaning.
+V311_CONNACK_RC = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
 @dataclass
 class Received:
     """A message as the subscriber saw it."""
@@ -238,9 +242,8 @@ class MqttClient:
         self.client.on_disconnect = self._on_disconnect
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.connack.put(
-            (reason.value if hasattr(reason, "value") else int(reason), bool(flags.session_present))
-        )
+        code = reason.value if hasattr(reason, "value") else int(reason)
+        self.connack.put((V311_CONNACK_RC.get(code, code), bool(flags.session_present)))
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         self.messages.put(Received(message.topic, message.payload, message.qos, message.retain, message.dup))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -202,3 +203,40 @@ def test_proxy_protocol_then_headers_refine(start_broker: BrokerFactory) -> None
             "x_forwarded_for",
         )
         assert info["proxy_details"]["proxy_protocol"]["src_addr"] == l7
+
+
+def test_a_refused_real_address_gets_403_before_the_upgrade(start_broker: BrokerFactory) -> None:
+    broker = start_broker(
+        broker_config(
+            ws={
+                "default": listener_config(
+                    trusted_proxies=[f"{LB}/32"], websocket={"proxy_address_header": "X-Real-IP"}
+                )
+            },
+            access={"deny": ["198.51.100.0/24"]},
+            audit={"file": "audit.log"},
+        )
+    )
+    port = broker.port("ws:default")
+    assert refused_status(port, [("X-Real-IP", "198.51.100.9")], source=LB) == 403
+    broker.wait_for_log(
+        rf"ws:default refused 198\.51\.100\.9:0 via {LB}:\d+ \(x_real_ip\): 198\.51\.100\.9 is refused by the "
+        r"global access rules \[access\]"
+    )
+    with mqtt_over_ws(port, "allowed", [("X-Real-IP", "203.0.113.9")], source=LB):
+        assert client_info(broker, "allowed")["ip_address"] == "203.0.113.9"
+    records = [json.loads(line) for line in (broker.workdir / "audit.log").read_text().splitlines()]
+    refused = [r for r in records if r["event"] == "refused"]
+    assert refused == [
+        {
+            "ts": refused[0]["ts"],
+            "event": "refused",
+            "listener": "ws:default",
+            "reason": "access",
+            "ip": "198.51.100.9",
+            "port": 0,
+            "proxy_ip": LB,
+            "proxy_port": refused[0]["proxy_port"],
+            "address_source": "x_real_ip",
+        }
+    ]
