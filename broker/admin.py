@@ -78,6 +78,7 @@ def client_json(view: SessionView) -> dict[str, Any]:
         "clean_start": view.clean_session,
         "keepalive": view.keepalive,
         "connected_at": iso8601(view.connected_at),
+        "tls": None if address.tls is None else address.tls.as_dict(),
         "proxy_details": address.details,
     }
 

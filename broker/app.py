@@ -17,7 +17,7 @@ from broker.errors import RealIPError
 from broker.operations import AuditTrail, Operations
 from broker.settings import ListenerSettings, Settings
 from listeners.address import format_hostport
-from listeners.tcp import TcpListener
+from listeners.tcp import SslListener, TcpListener
 from listeners.websocket import WebSocketListener
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,12 @@ def make_listener(
     settings: ListenerSettings, engine: Engine, audit: AuditTrail, gatekeeper: Gatekeeper
 ) -> Listener:
     """The listener object for one configured listener."""
-    if settings.type == "ws":
+    if settings.type in ("ws", "wss"):
         return WebSocketListener(
             settings, engine.serve, on_refused=audit.listener_refused, admit=gatekeeper.check_address
         )
+    if settings.type == "ssl":
+        return SslListener(settings, engine.serve, on_refused=audit.listener_refused)
     return TcpListener(settings, engine.serve, on_refused=audit.listener_refused)
 
 
@@ -99,6 +101,10 @@ class BrokerApp:
             except OSError as exc:
                 await self.stop()
                 path = f"listeners.{listener.settings.type}.{listener.settings.name}.bind"
+                if not exc.errno:  # a certificate problem, raised by the TLS listeners
+                    raise StartupError(
+                        f"listeners.{listener.settings.type}.{listener.settings.name}: {exc.strerror}"
+                    ) from None
                 raise StartupError(
                     f"{path}: cannot listen on {listener.settings.bind}: {exc.strerror}"
                 ) from None

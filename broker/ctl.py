@@ -121,6 +121,14 @@ def client_line(client: dict[str, Any]) -> str:
     parts += [
         f"listener={client['listener']}",
         f"address_source={client['address_source']}",
+    ]
+    tls = client.get("tls")
+    if tls:
+        if tls.get("version"):
+            parts.append(f"tls={tls['version']}")
+        if tls.get("cert_cn"):
+            parts.append(f"cert_cn={tls['cert_cn']}")
+    parts += [
         f"proto_ver={client['proto_ver']}",
         f"clean_start={'true' if client['clean_start'] else 'false'}",
         f"keepalive={client['keepalive']}",

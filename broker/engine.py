@@ -98,12 +98,18 @@ class _ConnectionWriter(WriterAdapter):
     """
 
     def __init__(
-        self, connection: Connection, address: ClientAddress, listener_id: str, counters: MessageCounters
+        self,
+        connection: Connection,
+        address: ClientAddress,
+        listener_id: str,
+        counters: MessageCounters,
+        cert_as_username: bool = False,
     ) -> None:
         self.connection = connection
         self.address = address
         self.listener_id = listener_id
         self.counters = counters
+        self.cert_as_username = cert_as_username
         self.connected_at: float | None = None
         self.proto_ver = _PROTOCOL_LEVEL
         #: Why the connection ended, once known: client_disconnect, connection_lost, kicked,
@@ -252,6 +258,11 @@ class _Broker(Broker):
             await writer.close()
             return
         client_id = incoming.client_id or ""
+        if writer.cert_as_username:
+            # peer_cert_as_username: cn. The username is the verified certificate's CN, whatever
+            # the client sent; without one the client has no username (it cannot claim one).
+            tls = writer.address.tls
+            incoming.username = tls.cert_cn if tls is not None and tls.cert_verified and tls.cert_cn else None
         refusal = None
         if self.gatekeeper is not None:
             refusal = self.gatekeeper.check_client(
@@ -421,7 +432,9 @@ class Engine:
         """
         if self._broker is None:
             raise EngineError("the MQTT engine is not started")
-        writer = _ConnectionWriter(connection, address, listener.id, self.counters)
+        writer = _ConnectionWriter(
+            connection, address, listener.id, self.counters, listener.peer_cert_as_username == "cn"
+        )
         await self._broker.external_connected(_ConnectionReader(connection), writer, listener.id)
 
     def sessions(self) -> list[SessionView]:

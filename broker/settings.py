@@ -26,9 +26,10 @@ import yaml
 
 from broker.errors import ConfigError, ConfigProblem
 from listeners.address import Networks, parse_network
+from listeners.tls import VERSIONS, make_server_context
 
 #: Listener types this version serves, in the order they are started and listed.
-LISTENER_TYPES = ("tcp", "ws")
+LISTENER_TYPES = ("tcp", "ssl", "ws", "wss")
 
 #: A listener's ``max_connections`` when the file says ``infinity``: no limit of our own.
 UNLIMITED = 0
@@ -252,6 +253,60 @@ class WebSocketOptions:
     proxy_port_header: str = setting("", parse_header_name)
 
 
+def parse_tls_versions(value: Any) -> tuple[str, ...]:
+    """A non-empty list of ``tlsv1.2`` / ``tlsv1.3``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(value, list) or not value or any(v not in VERSIONS for v in value):
+        raise ValueError(f"{value!r} is not a non-empty list of {', '.join(VERSIONS)}")
+    return tuple(value)
+
+
+def parse_verify(value: Any) -> bool:
+    """``verify_peer`` (True) or ``verify_none`` (False).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value not in ("verify_peer", "verify_none"):
+        raise ValueError(f"{value!r} is not verify_peer or verify_none")
+    return bool(value == "verify_peer")
+
+
+def parse_cert_username(value: Any) -> str:
+    """``cn`` (the client certificate's common name becomes the username) or ``""`` (off).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value not in ("", "cn"):
+        raise ValueError(f"{value!r} is not 'cn' or ''")
+    return str(value)
+
+
+def _path_or_empty(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a file path")
+    return value
+
+
+@dataclass(frozen=True)
+class SslOptions:
+    """``listeners.<ssl|wss>.<name>.ssl_options`` (EMQX's names)."""
+
+    certfile: str = setting("", _path_or_empty)
+    keyfile: str = setting("", _path_or_empty)
+    cacertfile: str = setting("", _path_or_empty)
+    verify: bool = setting(False, parse_verify, lambda v: "verify_peer" if v else "verify_none")
+    fail_if_no_peer_cert: bool = setting(False, parse_bool)
+    versions: tuple[str, ...] = setting(("tlsv1.3", "tlsv1.2"), parse_tls_versions, list)
+    ciphers: str = setting("", _path_or_empty)
+    #: A client that has not completed the TLS handshake in this time is closed.
+    handshake_timeout: float = setting(15.0, parse_duration, format_duration)
+
+
 @dataclass(frozen=True)
 class AccessSettings:
     """``access`` (global) or ``listeners.<type>.<name>.access``: networks by real address.
@@ -281,7 +336,11 @@ class ListenerSettings:
     )
     proxy_protocol_timeout: float = setting(3.0, parse_duration, format_duration)
     trusted_proxies: Networks = field(default_factory=Networks, metadata={"networks": True})
+    #: ``cn``: the client certificate's CN becomes the username (a verified local certificate on
+    #: ssl/wss; a PROXY v2 SSL TLV from a trusted proxy saying it verified one on tcp/ws).
+    peer_cert_as_username: str = setting("", parse_cert_username)
     websocket: WebSocketOptions | None = field(default=None, metadata={"section": WebSocketOptions})
+    ssl_options: SslOptions | None = field(default=None, metadata={"section": SslOptions})
     #: When set, replaces the global ``access`` for this listener.
     access: AccessSettings | None = field(default=None, metadata={"section": AccessSettings})
 
@@ -390,7 +449,7 @@ class Settings:
 
 
 #: Keys that only some listener types accept.
-_TYPE_ONLY_KEYS = {"websocket": ("ws",)}
+_TYPE_ONLY_KEYS = {"websocket": ("ws", "wss"), "ssl_options": ("ssl", "wss")}
 
 #: The default listeners and their binds; other names must give ``bind``.
 DEFAULT_BINDS = {("tcp", "default"): "0.0.0.0:1883", ("ws", "default"): "0.0.0.0:8083"}
@@ -485,8 +544,12 @@ def _build_listeners(raw: Any, problems: list[ConfigProblem]) -> tuple[ListenerS
                     ConfigProblem(f"{path}.bind", "required for a listener (e.g. '0.0.0.0:1883')")
                 )
             fixed: dict[str, Any] = {"type": type_name, "name": name}
-            if type_name == "ws" and "websocket" not in raw_listener:
+            if type_name in ("ws", "wss") and "websocket" not in raw_listener:
                 fixed["websocket"] = WebSocketOptions()
+            if type_name in ("ssl", "wss") and "ssl_options" not in raw_listener:
+                problems.append(
+                    ConfigProblem(f"{path}.ssl_options", "required: certfile and keyfile at least")
+                )
             listeners.append(_build(ListenerSettings, raw_listener, path, problems, exclude, **fixed))
     _check_listener_rules(listeners, problems)
     return tuple(listeners)
@@ -512,6 +575,7 @@ def _check_listener_rules(listeners: list[ListenerSettings], problems: list[Conf
                     "needs proxy_address_header (the port is taken from the same hop as the address)",
                 )
             )
+        _check_tls_rules(listener, path, problems)
         if not listener.enable or listener.bind.port == 0:
             continue
         for other in seen:
@@ -527,6 +591,47 @@ def _check_listener_rules(listeners: list[ListenerSettings], problems: list[Conf
                     )
                 )
         seen.append(listener)
+
+
+def _check_tls_rules(listener: ListenerSettings, path: str, problems: list[ConfigProblem]) -> None:
+    options = listener.ssl_options
+    if options is not None:
+        where = f"{path}.ssl_options"
+        if not options.certfile or not options.keyfile:
+            problems.append(ConfigProblem(where, "certfile and keyfile are required"))
+        elif options.verify and not options.cacertfile:
+            problems.append(ConfigProblem(f"{where}.cacertfile", "required with verify: verify_peer"))
+        elif options.fail_if_no_peer_cert and not options.verify:
+            problems.append(ConfigProblem(f"{where}.fail_if_no_peer_cert", "needs verify: verify_peer"))
+        elif listener.enable:
+            try:
+                make_server_context(
+                    certfile=options.certfile,
+                    keyfile=options.keyfile,
+                    cacertfile=options.cacertfile,
+                    verify_peer=options.verify,
+                    fail_if_no_peer_cert=options.fail_if_no_peer_cert,
+                    versions=options.versions,
+                    ciphers=options.ciphers,
+                )
+            except ValueError as exc:
+                problems.append(ConfigProblem(where, str(exc)))
+    if listener.peer_cert_as_username:
+        key = f"{path}.peer_cert_as_username"
+        if options is not None and not options.verify:
+            problems.append(
+                ConfigProblem(key, "needs ssl_options.verify: verify_peer (an unverified CN proves nothing)")
+            )
+        if options is None and (
+            listener.proxy_protocol is ProxyProtocolMode.OFF or not listener.trusted_proxies
+        ):
+            problems.append(
+                ConfigProblem(
+                    key,
+                    "on a listener without TLS it reads the PROXY v2 SSL TLV: needs proxy_protocol and "
+                    "trusted_proxies (only the proxies that terminate TLS may name a certificate)",
+                )
+            )
 
 
 _SECTIONS = ("listeners", "node", "mqtt", "admin", "access", "audit")

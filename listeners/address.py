@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from listeners.tls import TlsInfo
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,6 +65,8 @@ class ClientAddress:
     proxy_ip: str | None = None
     proxy_port: int | None = None
     details: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: The client's TLS session: our own handshake, or what a trusted proxy said in PROXY v2.
+    tls: TlsInfo | None = None
 
     @classmethod
     def direct(cls, ip: str, port: int) -> ClientAddress:

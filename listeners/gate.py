@@ -29,6 +29,7 @@ from listeners.proxy_protocol import (
     ProxyHeaderParser,
     detect,
 )
+from listeners.tls import TlsInfo
 
 #: Largest v2 header a listener accepts. HAProxy's biggest (SSL TLVs with a long CN, a 128-byte
 #: UNIQUE_ID, AUTHORITY) stays well under 1 KiB; buffering up to the 64 KiB the length field allows
@@ -60,16 +61,21 @@ class ProxyGate:
     received so far.
     """
 
-    __slots__ = ("_buffer", "_mode", "_parser", "_peer_ip", "_peer_trusted")
+    __slots__ = ("_buffer", "_mode", "_parser", "_peer_ip", "_peer_trusted", "_trusted")
 
     def __init__(self, mode: ProxyProtocolMode, trusted: Networks, peer_ip: str) -> None:
         self._mode = mode
+        self._trusted = trusted
         self._peer_ip = peer_ip
         self._peer_trusted = not trusted or trusted.contains(peer_ip)
         self._parser: ProxyHeaderParser | None = None
         self._buffer = b""
         if mode is ProxyProtocolMode.ON:
             self._parser = ProxyHeaderParser(max_v2_length=MAX_V2_LENGTH)
+
+    def fresh(self) -> ProxyGate:
+        """A new gate with the same rules, for re-reading a connection's first bytes from the start."""
+        return ProxyGate(self._mode, self._trusted, self._peer_ip)
 
     def feed(self, data: bytes) -> GateResult:
         """Take the next bytes of the connection.
@@ -109,8 +115,19 @@ def client_address(header: ProxyHeader | None, peer_ip: str, peer_port: int) -> 
     if header is None:
         return ClientAddress.direct(peer_ip, peer_port)
     details = header.as_dict()
+    ssl_tlv = header.ssl
+    tls = None
+    if ssl_tlv is not None and ssl_tlv.client_ssl:
+        tls = TlsInfo(
+            version=ssl_tlv.version,
+            cert_cn=ssl_tlv.cn,
+            cert_verified=ssl_tlv.cert_verified,
+            source="proxy_protocol",
+        )
     if not header.has_address or header.src_addr is None or header.src_port is None:
-        return ClientAddress(ip=normalize_ip(peer_ip), port=peer_port, details={"proxy_protocol": details})
+        return ClientAddress(
+            ip=normalize_ip(peer_ip), port=peer_port, details={"proxy_protocol": details}, tls=tls
+        )
     source = AddressSource.PROXY_PROTOCOL_V1 if header.version == 1 else AddressSource.PROXY_PROTOCOL_V2
     return ClientAddress(
         ip=normalize_ip(header.src_addr),
@@ -119,4 +136,5 @@ def client_address(header: ProxyHeader | None, peer_ip: str, peer_port: int) -> 
         proxy_ip=normalize_ip(peer_ip),
         proxy_port=peer_port,
         details={"proxy_protocol": details},
+        tls=tls,
     )

@@ -1,10 +1,13 @@
-"""The WebSocket listener: MQTT over WebSocket on ``websocket.mqtt_path``, handed to the engine.
+"""WebSocket listeners (``ws``, ``wss``): MQTT over WebSocket on ``websocket.mqtt_path``.
 
 The client's address is learned in two layers (DESIGN.md "Trust rules"):
 
 1. ``proxy_protocol``: a PROXY header before the HTTP request, consumed in ``data_received`` before
    websockets' HTTP parser sees a byte (:class:`_AddressingConnection`); it gives the socket-level
    peer, as on TCP listeners.
+   On ``wss`` listeners the header comes before the TLS handshake, so an
+   :class:`~listeners.acceptor.Acceptor` takes it from the socket first, and websockets' own
+   connection objects are then made here (``_make_connection``, after websockets' ``serve``).
 2. ``websocket.proxy_address_header`` / ``proxy_port_header``: the upgrade request's headers,
    resolved by :mod:`listeners.forwarded` against ``trusted_proxies`` in ``process_request``; a
    malformed header from a trusted peer is answered 400 and never falls back to the proxy.
@@ -13,17 +16,22 @@ The client's address is learned in two layers (DESIGN.md "Trust rules"):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import logging
+import socket
+import ssl
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from broker.errors import ForwardedHeaderError, ProxyProtocolError
 from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
+from listeners.acceptor import Acceptor, read_proxy_header_exact
 from listeners.address import AddressSource, ClientAddress, format_hostport, normalize_ip
 from listeners.connection import (
     AddressCheck,
@@ -36,6 +44,8 @@ from listeners.connection import (
 from listeners.forwarded import HeaderRules, resolve
 from listeners.gate import ProxyGate, client_address, peer_refusal
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
+from listeners.tcp import server_context
+from listeners.tls import local_tls_info
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +96,8 @@ class _AddressingConnection(ServerConnection):
         self._gate: ProxyGate | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._counted = False
+        #: Set when the listener's acceptor already read the PROXY header (TLS listeners).
+        self.header_read = False
 
     @property
     def peer(self) -> str:
@@ -101,7 +113,7 @@ class _AddressingConnection(ServerConnection):
         listener.stats.accepted += 1
         self._counted = True
         settings = listener.settings
-        if settings.proxy_protocol is ProxyProtocolMode.OFF:
+        if settings.proxy_protocol is ProxyProtocolMode.OFF or self.header_read:
             return
         refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, self.socket_peer[0])
         if refusal is not None:
@@ -156,6 +168,15 @@ class _AddressingConnection(ServerConnection):
         super().connection_lost(exc)
 
 
+class _TlsServer(Server):
+    """websockets' Server for connections our acceptor hands over (no asyncio server of its own)."""
+
+    serving = True
+
+    def is_serving(self) -> bool:
+        return self.serving
+
+
 class WebSocketListener:
     """One ``listeners.ws.<name>``."""
 
@@ -180,6 +201,8 @@ class WebSocketListener:
             trusted_proxies=settings.trusted_proxies,
         )
         self._server: Server | None = None
+        self._acceptor: Acceptor | None = None
+        self._context: ssl.SSLContext | None = None
         self._connections: set[WebSocketConnection] = set()
         self._connection_class = type(
             "AddressingConnection", (_AddressingConnection,), {"listener": self, "__module__": __name__}
@@ -194,9 +217,23 @@ class WebSocketListener:
         """Bind and start accepting.
 
         Raises:
-            OSError: the address cannot be bound.
+            OSError: the address cannot be bound, or (wss) a certificate file cannot be read.
         """
         bind = self.settings.bind
+        if self.settings.ssl_options is not None:
+            try:
+                self._context = server_context(self.settings)
+            except ValueError as exc:
+                raise OSError(0, str(exc)) from None
+            self._server = _TlsServer(
+                self._on_websocket,
+                process_request=self._process_request,
+                open_timeout=OPEN_TIMEOUT,
+                logger=_protocol_logger,
+            )
+            self._acceptor = Acceptor(bind, self._on_tls_socket)
+            self._acceptor.start()
+            return
         self._server = await serve(
             self._on_websocket,
             host=bind.host or None,
@@ -215,14 +252,89 @@ class WebSocketListener:
 
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) pairs actually bound."""
+        if self._acceptor is not None:
+            return self._acceptor.addresses()
         if self._server is None:
             return []
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; live connections go on."""
-        if self._server is not None:
+        if self._acceptor is not None:
+            self._acceptor.stop()
+            if isinstance(self._server, _TlsServer):
+                self._server.serving = False
+        elif self._server is not None:
             self._server.close(close_connections=False)
+
+    def _make_connection(self) -> _AddressingConnection:
+        """A websockets connection for a socket we accepted (as the factory in websockets' ``serve``)."""
+        assert self._server is not None
+        protocol = ServerProtocol(
+            subprotocols=SUBPROTOCOLS, max_size=MAX_MESSAGE_SIZE, logger=_protocol_logger
+        )
+        connection = self._connection_class(protocol, self._server, ping_interval=None)
+        assert isinstance(connection, _AddressingConnection)
+        return connection
+
+    async def _on_tls_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """A ``wss`` connection: limits, the PROXY header taken exactly, TLS, then websockets."""
+        settings = self.settings
+        assert self._context is not None and settings.ssl_options is not None
+        socket_peer = ClientAddress.direct(*peer)
+        limit = settings.max_connections
+        early = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer[0])
+        if limit != UNLIMITED and self.stats.current >= limit:
+            self.refuse(socket_peer, "max_connections", f"max_connections ({limit}) reached")
+            sock.close()
+            return
+        if early is not None:
+            self.refuse(socket_peer, early.reason, str(early))
+            sock.close()
+            return
+        header = None
+        if settings.proxy_protocol is not ProxyProtocolMode.OFF:
+            gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, peer[0])
+            try:
+                header = await asyncio.wait_for(
+                    read_proxy_header_exact(sock, gate), settings.proxy_protocol_timeout
+                )
+            except TimeoutError:
+                timeout = settings.proxy_protocol_timeout
+                self.refuse(socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s")
+                sock.close()
+                return
+            except ProxyProtocolError as exc:
+                self.refuse(socket_peer, exc.reason, str(exc))
+                sock.close()
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                sock.close()
+                return
+
+        def factory() -> _AddressingConnection:
+            connection = self._make_connection()
+            connection.header_read = True
+            connection.proxy_header = header
+            return connection
+
+        timeout = settings.ssl_options.handshake_timeout
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                factory, sock, ssl=self._context, ssl_handshake_timeout=timeout
+            )
+        except (TimeoutError, ConnectionAbortedError) as exc:
+            if isinstance(exc, TimeoutError) or "longer than" in str(exc):
+                self.refuse(
+                    client_address(header, *peer), "tls_timeout", f"no TLS handshake within {timeout:g}s"
+                )
+            else:
+                self.refuse(client_address(header, *peer), "tls_error", f"TLS handshake failed: {exc}")
+            sock.close()
+        except OSError as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            self.refuse(client_address(header, *peer), "tls_error", f"TLS handshake failed: {reason}")
+            sock.close()
 
     def abort_connections(self) -> None:
         """Drop every live connection at once (last step of shutdown)."""
@@ -238,6 +350,9 @@ class WebSocketListener:
         headers, 403 addresses refused by access rules or bans."""
         assert isinstance(connection, _AddressingConnection)
         base = client_address(connection.proxy_header, *connection.socket_peer)
+        local = local_tls_info(connection.transport.get_extra_info("ssl_object"))
+        if local is not None:
+            base = dataclasses.replace(base, tls=local)
         if urlsplit(request.path).path != self._path:
             # Not counted as a refusal for the audit log: a browser or scanner asking for a page.
             self.stats.refused["not_found"] += 1
@@ -290,6 +405,7 @@ class WebSocketListener:
             proxy_ip=normalize_ip(socket_peer[0]),
             proxy_port=socket_peer[1],
             details=details,
+            tls=base.tls,
         )
 
     async def _on_websocket(self, websocket: ServerConnection) -> None:

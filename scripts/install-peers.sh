@@ -3,9 +3,9 @@
 # As root it installs them; otherwise it uses sudo when it can, or says what to run.
 set -euo pipefail
 
-packages=(nginx libnginx-mod-stream haproxy mosquitto mosquitto-clients)
+packages=(nginx libnginx-mod-stream haproxy mosquitto mosquitto-clients openssl)
 missing=0
-for binary in nginx haproxy mosquitto mosquitto_pub mosquitto_sub; do
+for binary in nginx haproxy mosquitto mosquitto_pub mosquitto_sub openssl; do
     command -v "$binary" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$binary" >/dev/null 2>&1 || missing=1
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.pki import Pki, make_pki
 from tests.support import BrokerProcess, Clients
 
 
@@ -35,3 +36,9 @@ def clients() -> Iterator[Clients]:
     made = Clients()
     yield made
     made.close_all()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate (localhost, 127.0.0.1, ::1) and client certificates, made once."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -178,13 +178,15 @@ def listener_config(bind: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
 def broker_config(
     tcp: dict[str, dict[str, Any]] | None = None,
     ws: dict[str, dict[str, Any]] | None = None,
+    ssl: dict[str, dict[str, Any]] | None = None,
+    wss: dict[str, dict[str, Any]] | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """A config with exactly the given listeners (the defaults are turned off unless named)."""
     listeners: dict[str, Any] = {"tcp": {"default": {"enable": False}}, "ws": {"default": {"enable": False}}}
-    for kind, named in (("tcp", tcp), ("ws", ws)):
+    for kind, named in (("tcp", tcp), ("ws", ws), ("ssl", ssl), ("wss", wss)):
         for name, options in (named or {}).items():
-            listeners[kind][name] = {"enable": True, **options}
+            listeners.setdefault(kind, {})[name] = {"enable": True, **options}
     return {"listeners": listeners, **sections}
 
 
@@ -220,6 +222,7 @@ class MqttClient:
         ws_headers: dict[str, str] | None = None,
         clean_session: bool = True,
         protocol: int = paho.MQTTv311,
+        tls: dict[str, str] | None = None,
     ) -> None:
         self.client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
@@ -230,6 +233,8 @@ class MqttClient:
         )
         if transport == "websockets":
             self.client.ws_set_options(path=ws_path, headers=ws_headers)
+        if tls is not None:  # ca_certs, and certfile/keyfile for a client certificate
+            self.client.tls_set(**tls)
         self.client_id = client_id
         self.messages: queue.Queue[Received] = queue.Queue()
         self.connack: queue.Queue[tuple[int, bool]] = queue.Queue()
@@ -381,5 +386,5 @@ def example_broker_config(relative: str, replacements: dict[str, str], **section
     config = broker_config()
     for kind, named in document.pop("listeners").items():
         for name, options in named.items():
-            config["listeners"][kind][name] = {"enable": True, **options}
+            config["listeners"].setdefault(kind, {})[name] = {"enable": True, **options}
     return {**config, **document, **sections}

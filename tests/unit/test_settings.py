@@ -101,14 +101,14 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
                     },
                     "extra": {},
                 },
-                "wss": {},
+                "wsx": {},
             },
             "node": {"data_dir": ""},
         }
     )
     assert found == [
         "listners: unknown section (did you mean 'listeners'?)",
-        "listeners.wss: unknown listener type (did you mean 'ws'?)",
+        "listeners.wsx: unknown listener type (did you mean 'ws'?)",
         "listeners.tcp.default.bind: '1.2.3.4' has no port (expected 'IP:PORT', e.g. '0.0.0.0:1883')",
         "listeners.tcp.default.proxy_protocol_timeout: 3 is not a duration (write it with a unit, e.g. '15s' or '500ms')",
         "listeners.tcp.default.trusted_proxies[1]: '10.0.0.300/24' is not a network",
@@ -125,7 +125,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
     [
         (
             {"listeners": {"tcp": {"default": {"websocket": {}}}}},
-            "listeners.tcp.default.websocket: only ws listeners",
+            "listeners.tcp.default.websocket: only ws/wss listeners",
         ),
         (
             {"listeners": {"ws": {"default": {"websocket": {"mqtt_path": "mqtt"}}}}},

@@ -1,0 +1,151 @@
+"""Accepting connections ourselves, for TLS listeners that read a PROXY header before the handshake.
+
+asyncio's servers start reading as soon as a connection is accepted, so bytes that arrive with the
+PROXY header (the start of the TLS ClientHello) would be read into a buffer the TLS layer never
+sees. Here the header is taken from the socket *exactly*: peek, decide how many bytes belong to the
+header, consume only those; the handshake then starts on an untouched stream
+(``loop.connect_accepted_socket(..., ssl=...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from broker.settings import Bind
+from listeners.gate import ProxyGate
+from listeners.proxy_protocol import NEED_DATA, ProxyHeader
+
+logger = logging.getLogger(__name__)
+
+#: Bytes peeked per look at the socket: a v1 header is at most 107 bytes, a v2 header at most
+#: gate.MAX_V2_LENGTH (4 KiB); a peek never consumes, so a larger window costs nothing.
+PEEK_SIZE: Final = 8192
+
+#: Pending connections the kernel queues for us (as asyncio's default).
+BACKLOG: Final = 100
+
+SocketHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def read_proxy_header_exact(sock: socket.socket, gate: ProxyGate) -> ProxyHeader | None:
+    """Consume exactly the PROXY header (or nothing, when ``gate`` finds none) from ``sock``.
+
+    Each look peeks at what is pending and asks a fresh gate about everything seen so far; bytes
+    are consumed only when they certainly belong to the header (the whole peek while the header is
+    incomplete, the header's exact tail once it is complete). So the socket is never left readable
+    with nothing to do, and nothing after the header is consumed.
+
+    Raises:
+        ProxyProtocolError: the gate refused the bytes (see :class:`~listeners.gate.ProxyGate`).
+        asyncio.IncompleteReadError: the peer closed first.
+    """
+    consumed = b""
+    while True:
+        await _readable(sock)
+        try:
+            peeked = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not peeked:
+            raise asyncio.IncompleteReadError(consumed, None)
+        seen = consumed + peeked
+        result = gate.fresh().feed(seen)
+        if result is NEED_DATA:
+            consumed += sock.recv(len(peeked))
+            continue
+        header, rest = result
+        header_length = len(seen) - len(rest)
+        remaining = header_length - len(consumed)
+        while remaining > 0:  # all of it was peeked, so it is there to be read
+            remaining -= len(sock.recv(remaining))
+        return header
+
+
+class Acceptor:
+    """A listening socket (or two, v4 and v6) whose connections go to ``on_socket``."""
+
+    def __init__(self, bind: Bind, on_socket: SocketHandler) -> None:
+        self._bind = bind
+        self._on_socket = on_socket
+        self._sockets: list[socket.socket] = []
+        self._loops: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Bind and start accepting.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        host, port = self._bind.host, self._bind.port
+        if host:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=False)
+        elif socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("::", port), family=socket.AF_INET6, backlog=BACKLOG, dualstack_ipv6=True
+            )
+        else:
+            sock = socket.create_server(("0.0.0.0", port), backlog=BACKLOG)
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        self._loops.append(asyncio.create_task(self._accept(sock)))
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs bound."""
+        return [sock.getsockname()[:2] for sock in self._sockets]
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening sockets; accepted connections go on."""
+        for task in self._loops:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
+        self._loops.clear()
+        self._sockets.clear()
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listening)
+            except (ConnectionAbortedError, BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:  # EMFILE and the like: say so, breathe, go on
+                logger.error("accept on %s failed: %s", self._bind, exc.strerror)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._run(sock, (str(peer[0]), int(peer[1]))))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _run(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            await self._on_socket(sock, peer)
+        except Exception:
+            logger.exception("connection from %s failed", peer)
+            sock.close()
