@@ -11,6 +11,7 @@ from pathlib import Path
 from broker.access import Gatekeeper
 from broker.admin import AdminServer
 from broker.audit import AuditLog
+from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
 from broker.engine import Engine
 from broker.errors import RealIPError
@@ -56,7 +57,10 @@ class BrokerApp:
         self.bans = BanStore(settings.node.data_dir)
         self.gatekeeper = Gatekeeper(settings, self.bans)
         self.engine = Engine(
-            connect_timeout=settings.mqtt.idle_timeout, gatekeeper=self.gatekeeper, hooks=self.audit
+            connect_timeout=settings.mqtt.idle_timeout,
+            gatekeeper=self.gatekeeper,
+            hooks=self.audit,
+            authorizer=Authorizer(settings.authorization.rules, settings.authorization.no_match),
         )
         self.operations = Operations(self.engine, self.bans, self.audit)
         self.listeners: list[Listener] = [

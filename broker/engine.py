@@ -15,6 +15,7 @@ and its sessions carry the real client, never the load balancer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -25,14 +26,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 import amqtt
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import MQTTError, ProtocolHandlerError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import (
+    IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
+    UNACCEPTABLE_PROTOCOL_VERSION,
+    ConnackPacket,
+)
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
+from amqtt.session import OUTGOING, OutgoingApplicationMessage, Session
 
 from broker.access import Gatekeeper, Refusal
+from broker.authorization import Authorizer, topic_matches
 from broker.errors import EngineError
 from broker.metrics import MessageCounters
 
@@ -48,6 +63,9 @@ AMQTT_VERSION = "0.12.1"
 
 #: Seconds that shutdown waits for amqtt to close its sessions before connections are dropped.
 SHUTDOWN_TIMEOUT = 1.5
+
+#: [MQTT-3.1.2-24] a client silent for this many keepalive periods is disconnected.
+KEEPALIVE_FACTOR = 1.5
 
 #: Seconds a take-over waits for the connection it replaces to wind down (will, events) before
 #: the new one proceeds; bounded so that a stuck old connection cannot block its successor.
@@ -73,11 +91,15 @@ class _ConnectionReader(ReaderAdapter):
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        #: When bytes last arrived (time.monotonic), for the keepalive watchdog.
+        self.last_activity = time.monotonic()
 
     async def read(self, n: int = -1) -> bytes:
         # amqtt always asks for exact sizes; readexactly's IncompleteReadError is what it expects
         # at end of stream (codecs_amqtt.read_or_raise turns it into NoDataError).
-        return await self._connection.read(n)
+        data = await self._connection.read(n)
+        self.last_activity = time.monotonic()
+        return data
 
     def feed_eof(self) -> None:
         """Not used by the broker side of amqtt."""
@@ -202,6 +224,139 @@ class _NoHooks:
         pass
 
 
+class _Handler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler with its QoS 1/2 delivery kept across disconnects.
+
+    amqtt 0.12.1 dropped an outgoing QoS 1/2 message from the session when its acknowledgement did
+    not come within 5 s or the connection closed, so nothing was re-sent on reconnect; it also
+    answered an MQTT 3.1 CONNECT with nothing at all.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._retries: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def init_from_connect(
+        cls,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        plugins_manager: Any,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's CONNECT handling, answering unsupported protocol versions as the spec asks.
+
+        Raises:
+            MQTTError: the CONNECT is refused (a CONNACK was sent where the spec wants one).
+        """
+        connect = await ConnectPacket.from_stream(reader)
+        # [MQTT-3.1.2-2] an unsupported level (MQTT 3.1 "MQIsdp"/3, MQTT 5) gets CONNACK 0x01,
+        # then the connection is closed; amqtt closed MQTT 3.1 clients without a word.
+        if (connect.proto_name, connect.proto_level) in (("MQIsdp", 3), ("MQTT", 5)):
+            await ConnackPacket.build(0, UNACCEPTABLE_PROTOCOL_VERSION).to_stream(writer)
+            raise MQTTError(f"protocol level {connect.proto_level} ({connect.proto_name}) is not supported")
+        if (
+            connect.payload is not None
+            and connect.payload.client_id_is_random
+            and not connect.clean_session_flag
+        ):
+            # [MQTT-3.1.3-8] a zero-length client id needs clean session. Checked here because the
+            # replayed CONNECT below carries the id amqtt generated, no longer empty.
+            await ConnackPacket.build(0, IDENTIFIER_REJECTED).to_stream(writer)
+            raise MQTTError("[MQTT-3.1.3-8] zero-length client id with clean session 0")
+        # amqtt's own checks and session set-up run on the same CONNECT, re-read from its bytes.
+        replay = _ReplayReader(connect.to_bytes(), reader)
+        handler, session = await super().init_from_connect(replay, writer, plugins_manager, loop)
+        return handler, session
+
+    async def _retry_deliveries(self) -> None:
+        """[MQTT-4.4.0-1] re-send unacknowledged PUBLISH/PUBREL, without holding up the session."""
+        assert self.session is not None
+        for message in list(self.session.inflight_out.values()):
+            task = asyncio.create_task(self._deliver_outgoing(message))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _deliver_outgoing(self, message: OutgoingApplicationMessage) -> None:
+        # Cancelled or failed with the connection: the message stays in flight for the next one.
+        with contextlib.suppress(asyncio.CancelledError, ProtocolHandlerError):
+            await self._handle_message_flow(message)
+
+    async def stop(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
+        await super().stop()
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        assert self.session is not None and app_message.packet_id is not None
+        packet_id = app_message.packet_id
+        self.session.inflight_out[packet_id] = app_message
+        # A re-send carries DUP=1 [MQTT-3.3.1-1].
+        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            # No timeout: in MQTT 3.1.1 an unacknowledged message is re-sent on reconnect, not dropped.
+            app_message.puback_packet = await waiter
+            self.session.inflight_out.pop(packet_id, None)
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        assert self.session is not None and app_message.packet_id is not None
+        packet_id = app_message.packet_id
+        self.session.inflight_out[packet_id] = app_message
+        loop = asyncio.get_running_loop()
+        if app_message.pubrec_packet is None:
+            packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+            rec: asyncio.Future[PubrecPacket] = loop.create_future()
+            self._pubrec_waiters[packet_id] = rec
+            try:
+                await self._send_packet(packet)
+                app_message.publish_packet = packet
+                app_message.pubrec_packet = await rec
+            finally:
+                self._pubrec_waiters.pop(packet_id, None)
+        # After PUBREC, the PUBREL is what is (re-)sent [MQTT-4.3.3-1, 4.4.0-1].
+        comp: asyncio.Future[PubcompPacket] = loop.create_future()
+        self._pubcomp_waiters[packet_id] = comp
+        try:
+            app_message.pubrel_packet = PubrelPacket.build(packet_id)
+            await self._send_packet(app_message.pubrel_packet)
+            app_message.pubcomp_packet = await comp
+            self.session.inflight_out.pop(packet_id, None)
+        finally:
+            self._pubcomp_waiters.pop(packet_id, None)
+
+
+class _ReplayReader(ReaderAdapter):
+    """Serves bytes already read (a parsed CONNECT) before the connection's own."""
+
+    def __init__(self, head: bytes, reader: ReaderAdapter) -> None:
+        self._head = head
+        self._reader = reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            data: bytes = await self._reader.read(n)
+            return data
+        data, self._head = self._head[:n], self._head[n:]
+        if len(data) < n:
+            data += await self._reader.read(n - len(data))
+        return data
+
+    def feed_eof(self) -> None:
+        """Not used by the broker side of amqtt."""
+
+
 class _Broker(Broker):
     """amqtt's Broker with its connection lifecycle replaced (``_client_connected``).
 
@@ -228,8 +383,10 @@ class _Broker(Broker):
         counters: MessageCounters,
         gatekeeper: Gatekeeper | None,
         hooks: EngineHooks,
+        authorizer: Authorizer,
     ) -> None:
         super().__init__(config)
+        self.authorizer = authorizer
         self.connect_timeout = connect_timeout
         self.counters = counters
         self.gatekeeper = gatekeeper
@@ -244,7 +401,7 @@ class _Broker(Broker):
         who = f"{writer.listener_id}: {writer.address.describe()}"
         try:
             handler, incoming = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                _Handler.init_from_connect(reader, writer, self.plugins_manager),
                 self.connect_timeout,
             )
         except TimeoutError:
@@ -324,9 +481,146 @@ class _Broker(Broker):
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
-        if wait_deliver.result() is not None:
-            self.counters.received += 1
-        return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+        """One PUBLISH received from a client: check it, route it, retain it. False closes the connection."""
+        message = wait_deliver.result()
+        if message is None:
+            return True
+        self.counters.received += 1
+        topic = message.topic
+        who = f"client {client_session.client_id!r} from {_describe(handler)}"
+        # [MQTT-4.7.3-1] non-empty; [MQTT-3.3.2-2] no wildcards in a topic name.
+        if not topic or "#" in topic or "+" in topic or "\0" in topic:
+            logger.warning("%s: invalid topic name %r in PUBLISH; closing [MQTT-3.3.2-2]", who, topic)
+            return False
+        # $SYS belongs to the broker; other $-topics are the applications' own and are routed (never
+        # to wildcard subscriptions, [MQTT-4.7.2-1]).
+        if topic.startswith("$SYS"):
+            logger.info("%s may not publish to %r: $SYS topics belong to the broker; dropped", who, topic)
+            return True
+        if not self._topic_filtering_sync(client_session, topic, Action.PUBLISH):
+            logger.info("%s may not publish to %r (authorization rules); dropped", who, topic)
+            return True
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
+        )
+        await self._broadcast_message(client_session, topic, message.data, message.qos)
+        packet = message.publish_packet
+        if packet is not None and packet.retain_flag:
+            await self.retain_message(client_session, topic, message.data, message.qos)
+        return True
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """Deliver one message to every subscriber: one copy per client, at min(publish QoS, the
+        highest QoS of its matching subscriptions) [MQTT-3.3.5-1], queued (QoS 1/2) for an offline
+        persistent session [MQTT-3.1.2-5]. amqtt sent one copy per matching subscription, each at
+        the *subscription's* QoS even when that was higher than the publish QoS."""
+        broadcast = await self._broadcast_queue.get()
+        topic, data = broadcast["topic"], broadcast["data"]
+        publish_qos = broadcast.get("qos")
+        publish_qos = QOS_0 if publish_qos is None else publish_qos
+        targets: dict[str, tuple[Session, int]] = {}
+        for topic_filter, subscriptions in self._subscriptions.items():
+            if not subscriptions or not topic_matches(topic_filter, topic):
+                continue
+            for session, sub_qos in subscriptions:
+                key = session.client_id or ""
+                best = targets.get(key)
+                if best is None or sub_qos > best[1]:
+                    targets[key] = (session, sub_qos)
+        for session, sub_qos in targets.values():
+            if not self._topic_filtering_sync(session, topic, Action.RECEIVE):
+                continue
+            qos = min(publish_qos, sub_qos)
+            if session.transitions.state != "connected":
+                if not session.clean_session and qos > QOS_0:
+                    await self._retain_broadcast_message(broadcast, qos, session)
+                continue
+            handler = self._get_handler(session)
+            if handler is not None:
+                running_tasks.append(
+                    asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+                )
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliver what was queued while the client was offline, with RETAIN=0 [MQTT-3.3.1-9]
+        (amqtt sent them flagged as retained messages)."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """[MQTT-3.3.1-6] retained messages for a new subscription, RETAIN=1, at
+        min(retained QoS, subscription QoS) [MQTT-3.3.1-8] (amqtt took a retained QoS 0 for "no
+        QoS" and sent it at the subscription's QoS), and only topics the client may receive."""
+        topic_filter, sub_qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if topic_matches(topic_filter, topic) and self._topic_filtering_sync(
+                session, topic, Action.RECEIVE
+            ):
+                qos = min(sub_qos, retained.qos or QOS_0)
+                tasks.append(
+                    asyncio.ensure_future(handler.mqtt_publish(topic, retained.data, qos, retain=True))
+                )
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _topic_filtering_sync(self, session: Session, topic: str, action: Action) -> bool:
+        if not self.authorizer.active:
+            return True
+        ip = session.remote_address or ""
+        if action is Action.SUBSCRIBE:
+            return self.authorizer.allows(
+                "subscribe", topic, session.client_id or "", session.username, ip, is_filter=True
+            )
+        kind = "publish" if action is Action.PUBLISH else "subscribe"
+        return self.authorizer.allows(kind, topic, session.client_id or "", session.username, ip)
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        # amqtt asks its topic plugins through a task per plugin per message; the rules are plain
+        # code, so they are asked directly.
+        return self._topic_filtering_sync(session, topic, action)
+
+    async def _keepalive(
+        self,
+        handler: BrokerProtocolHandler,
+        reader: _ConnectionReader,
+        writer: _ConnectionWriter,
+        keep_alive: int,
+    ) -> None:
+        """[MQTT-3.1.2-24] close a client silent for 1.5 x its keepalive; its will is then published
+        like for any other abnormal close. amqtt noticed the silence and did nothing."""
+        limit = keep_alive * KEEPALIVE_FACTOR
+        while True:
+            idle = time.monotonic() - reader.last_activity
+            if idle >= limit:
+                break
+            await asyncio.sleep(limit - idle)
+        if writer.end_reason is None:
+            writer.end_reason = "keepalive_timeout"
+        logger.info(
+            "%s: client %r sent nothing for %.1fs (1.5 x keepalive %ds); closing",
+            writer.listener_id,
+            handler.session.client_id if handler.session else None,
+            limit,
+            keep_alive,
+        )
+        await handler.handle_connection_closed()
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
@@ -359,8 +653,15 @@ class _Broker(Broker):
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
             )
             await handler.start()
-            await self._publish_session_retained_messages(session)  # queued while offline
-            await self._client_message_loop(session, handler)
+            watchdog = None
+            if session.keep_alive > 0 and isinstance(reader, _ConnectionReader):
+                watchdog = asyncio.create_task(self._keepalive(handler, reader, writer, session.keep_alive))
+            try:
+                await self._publish_session_retained_messages(session)  # queued while offline
+                await self._client_message_loop(session, handler)
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
         finally:
             if self._flows.get(client_id) is flow_ended:
                 del self._flows[client_id]
@@ -387,8 +688,10 @@ class Engine:
         connect_timeout: float = 15.0,
         gatekeeper: Gatekeeper | None = None,
         hooks: EngineHooks | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._broker: _Broker | None = None
+        self._authorizer = authorizer or Authorizer()
         self._connect_timeout = connect_timeout
         self._gatekeeper = gatekeeper
         self._hooks: EngineHooks = hooks or _NoHooks()
@@ -419,6 +722,7 @@ class Engine:
                 counters=self.counters,
                 gatekeeper=self._gatekeeper,
                 hooks=self._hooks,
+                authorizer=self._authorizer,
             )
             await self._broker.start()
         except Exception as exc:
@@ -505,3 +809,8 @@ def _make_view(session: Session, writer: _ConnectionWriter) -> SessionView:
         connected_at=writer.connected_at or 0.0,
         proto_ver=writer.proto_ver,
     )
+
+
+def _describe(handler: BrokerProtocolHandler) -> str:
+    writer = handler.writer
+    return writer.address.describe() if isinstance(writer, _ConnectionWriter) else "?"

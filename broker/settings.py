@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from broker.authorization import ACTIONS, Rule, valid_filter
 from broker.errors import ConfigError, ConfigProblem
 from listeners.address import Networks, parse_network
 from listeners.tls import VERSIONS, make_server_context
@@ -420,6 +421,79 @@ class MqttSettings:
     idle_timeout: float = setting(15.0, parse_duration, format_duration)
 
 
+def _parse_rules_into(value: Any, path: str, problems: list[ConfigProblem]) -> tuple[Rule, ...]:
+    """``authorization.rules``: a list of rule mappings, each checked with its index in the path."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(ConfigProblem(path, f"expected a list of rules, got {value!r}"))
+        return ()
+    rules = []
+    known = ["permission", "action", "topics", "clientid", "username", "ipaddress"]
+    for index, raw in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(raw, Mapping):
+            problems.append(ConfigProblem(where, f"expected a mapping, got {raw!r}"))
+            continue
+        count = len(problems)
+        for key in raw:
+            if key not in known:
+                problems.append(ConfigProblem(f"{where}.{key}", f"unknown key{_suggest(str(key), known)}"))
+        permission, action, topics = raw.get("permission"), raw.get("action", "all"), raw.get("topics")
+        if permission not in ("allow", "deny"):
+            problems.append(ConfigProblem(f"{where}.permission", f"{permission!r} is not allow or deny"))
+        if action not in ACTIONS:
+            problems.append(
+                ConfigProblem(f"{where}.action", f"{action!r} is not one of {', '.join(ACTIONS)}")
+            )
+        if not isinstance(topics, list) or not topics:
+            problems.append(ConfigProblem(f"{where}.topics", "required: a non-empty list of topic filters"))
+            topics = []
+        for position, topic in enumerate(topics):
+            if not isinstance(topic, str) or not valid_filter(topic):
+                problems.append(
+                    ConfigProblem(f"{where}.topics[{position}]", f"{topic!r} is not a topic filter")
+                )
+        for key in ("clientid", "username"):
+            if key in raw and (not isinstance(raw[key], str) or not raw[key]):
+                problems.append(ConfigProblem(f"{where}.{key}", f"{raw[key]!r} is not a non-empty string"))
+        networks = None
+        if "ipaddress" in raw:
+            entries = raw["ipaddress"] if isinstance(raw["ipaddress"], list) else [raw["ipaddress"]]
+            networks = _parse_networks_into(entries, f"{where}.ipaddress", problems)
+        if len(problems) == count:
+            rules.append(
+                Rule(
+                    permission=str(permission),
+                    action=str(action),
+                    topics=tuple(topics),
+                    clientid=raw.get("clientid"),
+                    username=raw.get("username"),
+                    ipaddress=networks,
+                )
+            )
+    return tuple(rules)
+
+
+def parse_no_match(value: Any) -> str:
+    """``allow`` or ``deny``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value not in ("allow", "deny"):
+        raise ValueError(f"{value!r} is not allow or deny")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class AuthorizationSettings:
+    """``authorization``: topic rules (see :mod:`broker.authorization`)."""
+
+    rules: tuple[Rule, ...] = field(default=(), metadata={"rules": True})
+    no_match: str = setting("allow", parse_no_match)
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """``audit``: the audit log, one JSON object per line."""
@@ -438,6 +512,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    authorization: AuthorizationSettings = field(default_factory=AuthorizationSettings)
 
     def access_for(self, listener: ListenerSettings) -> AccessSettings:
         """The access rules of a listener: its own when it has them, else the global ones."""
@@ -503,6 +578,8 @@ def _build(
                 problems.append(ConfigProblem(key_path, str(exc)))
         elif "networks" in meta:
             values[key] = _parse_networks_into(value, key_path, problems)
+        elif "rules" in meta:
+            values[key] = _parse_rules_into(value, key_path, problems)
         elif "section" in meta:
             values[key] = _build(meta["section"], value, key_path, problems)
     return cls(**values)
@@ -634,7 +711,7 @@ def _check_tls_rules(listener: ListenerSettings, path: str, problems: list[Confi
             )
 
 
-_SECTIONS = ("listeners", "node", "mqtt", "admin", "access", "audit")
+_SECTIONS = ("listeners", "node", "mqtt", "admin", "access", "audit", "authorization")
 
 
 def load_settings(raw: Any, source: str = "") -> Settings:
@@ -654,6 +731,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     admin = _build(AdminSettings, document.get("admin"), "admin", problems)
     access = _build(AccessSettings, document.get("access"), "access", problems)
     audit = _build(AuditSettings, document.get("audit"), "audit", problems)
+    authorization = _build(AuthorizationSettings, document.get("authorization"), "authorization", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
         problems.append(
             ConfigProblem(
@@ -663,7 +741,15 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         )
     if problems:
         raise ConfigError(problems, source)
-    return Settings(listeners=listeners, node=node, mqtt=mqtt, admin=admin, access=access, audit=audit)
+    return Settings(
+        listeners=listeners,
+        node=node,
+        mqtt=mqtt,
+        admin=admin,
+        access=access,
+        audit=audit,
+        authorization=authorization,
+    )
 
 
 def load_settings_file(path: str | Path) -> Settings:
@@ -699,9 +785,21 @@ def _dump_dataclass(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             out[f.name] = f.metadata["dump"](value)
         elif isinstance(value, Networks):
             out[f.name] = [str(network) for network in value]
+        elif f.metadata.get("rules"):
+            out[f.name] = [_dump_rule(rule) for rule in value]
         elif dataclasses.is_dataclass(value):
             out[f.name] = _dump_dataclass(value)
         # None-valued optional sections (a tcp listener's websocket, an unset access) are left out.
+    return out
+
+
+def _dump_rule(rule: Rule) -> dict[str, Any]:
+    out: dict[str, Any] = {"permission": rule.permission, "action": rule.action, "topics": list(rule.topics)}
+    for key in ("clientid", "username"):
+        if getattr(rule, key) is not None:
+            out[key] = getattr(rule, key)
+    if rule.ipaddress is not None:
+        out["ipaddress"] = [str(network) for network in rule.ipaddress]
     return out
 
 
@@ -718,4 +816,5 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "admin": _dump_dataclass(settings.admin),
         "access": _dump_dataclass(settings.access),
         "audit": _dump_dataclass(settings.audit),
+        "authorization": _dump_dataclass(settings.authorization),
     }

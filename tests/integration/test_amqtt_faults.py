@@ -7,24 +7,20 @@ can tell; and against realip-broker (``access.deny: [127.0.0.66/32]``) where the
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from tests.plain_amqtt import plain_amqtt
 from tests.support import (
-    REPO,
     WAIT,
     BrokerProcess,
     Clients,
     broker_config,
     client_info,
     listener_config,
-    wait_port,
 )
 
 DENIED = "127.0.0.66"
@@ -57,27 +53,8 @@ def target(request: pytest.FixtureRequest, start_broker: BrokerFactory) -> Itera
         )
         yield Target("realip", broker.port("tcp:default"), broker)
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.plain_amqtt", str(port), DENIED],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "plain amqtt ready"
-        wait_port("127.0.0.1", port)
+    with plain_amqtt(DENIED) as port:
         yield Target("amqtt", port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_fault_a_a_denied_client_cannot_resume_an_allowed_clients_session(
