@@ -69,6 +69,8 @@ def test_amqtt_config_names_an_external_listener_per_listener() -> None:
         (BrokerProtocolHandler, "handle_connection_closed", ["self"]),
     ],
 )
-def test_the_internals_engine_py_overrides_are_unchanged(owner: type, name: str, parameters: list[str]) -> None:
+def test_the_internals_engine_py_overrides_are_unchanged(
+    owner: type, name: str, parameters: list[str]
+) -> None:
     """broker/engine.py replaces or calls these; a change of shape must stop the build, not the broker."""
     assert list(inspect.signature(getattr(owner, name)).parameters) == parameters
