@@ -191,9 +191,11 @@ class EngineHooks(Protocol):
 
     def connected(self, view: SessionView) -> None:
         """A client was admitted (after CONNACK)."""
+        return None
 
     def disconnected(self, view: SessionView, reason: str) -> None:
         """A client's connection ended."""
+        return None
 
     def refused(
         self,
@@ -204,24 +206,11 @@ class EngineHooks(Protocol):
         username: str | None,
     ) -> None:
         """A CONNECT was refused (CONNACK 5)."""
+        return None
 
 
-class _NoHooks:
-    def connected(self, view: SessionView) -> None:
-        pass
-
-    def disconnected(self, view: SessionView, reason: str) -> None:
-        pass
-
-    def refused(
-        self,
-        listener_id: str,
-        address: ClientAddress,
-        reason: str,
-        client_id: str | None,
-        username: str | None,
-    ) -> None:
-        pass
+class _NoHooks(EngineHooks):
+    """Reports nothing (the protocol's methods do nothing)."""
 
 
 class _Handler(BrokerProtocolHandler):

@@ -27,7 +27,7 @@ import yaml
 from broker.authorization import ACTIONS, Rule, valid_filter
 from broker.errors import ConfigError, ConfigProblem
 from listeners.address import Networks, parse_network
-from listeners.tls import VERSIONS, make_server_context
+from listeners.tls import VERSIONS, context_from
 
 #: Listener types this version serves, in the order they are started and listed.
 LISTENER_TYPES = ("tcp", "ssl", "ws", "wss")
@@ -682,15 +682,7 @@ def _check_tls_rules(listener: ListenerSettings, path: str, problems: list[Confi
             problems.append(ConfigProblem(f"{where}.fail_if_no_peer_cert", "needs verify: verify_peer"))
         elif listener.enable:
             try:
-                make_server_context(
-                    certfile=options.certfile,
-                    keyfile=options.keyfile,
-                    cacertfile=options.cacertfile,
-                    verify_peer=options.verify,
-                    fail_if_no_peer_cert=options.fail_if_no_peer_cert,
-                    versions=options.versions,
-                    ciphers=options.ciphers,
-                )
+                context_from(options)
             except ValueError as exc:
                 problems.append(ConfigProblem(where, str(exc)))
     if listener.peer_cert_as_username:

@@ -16,8 +16,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from broker.settings import Bind
-from listeners.gate import ProxyGate
+from broker.errors import ProxyProtocolError
+from broker.settings import UNLIMITED, Bind, ListenerSettings, ProxyProtocolMode
+from listeners.address import ClientAddress
+from listeners.gate import ProxyGate, peer_refusal
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ PEEK_SIZE: Final = 8192
 BACKLOG: Final = 100
 
 SocketHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+
+#: Counts, logs and reports one refusal: (address, reason, message).
+Refuse = Callable[[ClientAddress, str, str], None]
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -80,6 +85,40 @@ async def read_proxy_header_exact(sock: socket.socket, gate: ProxyGate) -> Proxy
         while remaining > 0:  # all of it was peeked, so it is there to be read
             remaining -= len(sock.recv(remaining))
         return header
+
+
+async def admit_before_tls(
+    sock: socket.socket, peer: tuple[str, int], settings: ListenerSettings, current: int, refuse: Refuse
+) -> tuple[bool, ProxyHeader | None]:
+    """The checks of a TLS listener before its handshake: ``max_connections`` (``current`` open
+    now), trusted peers, and the PROXY header taken exactly.
+
+    Returns ``(True, header or None)`` to go on to the handshake, or ``(False, None)`` when the
+    connection was refused (reported through ``refuse``) or closed by the peer; the socket is then
+    closed. Never raises for the peer's doing.
+    """
+    socket_peer = ClientAddress.direct(*peer)
+    limit = settings.max_connections
+    early = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer[0])
+    if limit != UNLIMITED and current >= limit:
+        refuse(socket_peer, "max_connections", f"max_connections ({limit}) reached")
+    elif early is not None:
+        refuse(socket_peer, early.reason, str(early))
+    elif settings.proxy_protocol is ProxyProtocolMode.OFF:
+        return True, None
+    else:
+        gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, peer[0])
+        timeout = settings.proxy_protocol_timeout
+        try:
+            return True, await asyncio.wait_for(read_proxy_header_exact(sock, gate), timeout)
+        except TimeoutError:
+            refuse(socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s")
+        except ProxyProtocolError as exc:
+            refuse(socket_peer, exc.reason, str(exc))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    sock.close()
+    return False, None
 
 
 class Acceptor:

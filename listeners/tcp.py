@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
 
 from broker.errors import ProxyProtocolError
 from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
-from listeners.acceptor import Acceptor, read_proxy_header_exact
+from listeners.acceptor import Acceptor, admit_before_tls
 from listeners.address import ClientAddress
 from listeners.connection import ConnectionHandler, ListenerStats, RefusalHook, StreamConnection, refuse
 from listeners.gate import ProxyGate, client_address, peer_refusal
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
-from listeners.tls import local_tls_info, make_server_context
+from listeners.tls import context_from, handshake_failure, local_tls_info
 
 logger = logging.getLogger(__name__)
 
@@ -160,25 +161,6 @@ class TcpListener:
                 return result
 
 
-def server_context(settings: ListenerSettings) -> ssl.SSLContext:
-    """The TLS context of an ``ssl``/``wss`` listener (validated when the settings were loaded).
-
-    Raises:
-        ValueError: a certificate or key became unreadable since.
-    """
-    options = settings.ssl_options
-    assert options is not None, "ssl and wss listeners always have ssl_options"
-    return make_server_context(
-        certfile=options.certfile,
-        keyfile=options.keyfile,
-        cacertfile=options.cacertfile,
-        verify_peer=options.verify,
-        fail_if_no_peer_cert=options.fail_if_no_peer_cert,
-        versions=options.versions,
-        ciphers=options.ciphers,
-    )
-
-
 class SslListener(TcpListener):
     """One ``listeners.ssl.<name>``: MQTT over TLS, with the PROXY header (if any) before the handshake.
 
@@ -200,7 +182,8 @@ class SslListener(TcpListener):
             OSError: the address cannot be bound, or a certificate file cannot be read.
         """
         try:
-            self._context = server_context(self.settings)
+            assert self.settings.ssl_options is not None, "ssl listeners always have ssl_options"
+            self._context = context_from(self.settings.ssl_options)
         except ValueError as exc:
             raise OSError(0, str(exc)) from None
         self._acceptor.start()
@@ -213,73 +196,38 @@ class SslListener(TcpListener):
         """Close the listening socket; live connections go on."""
         self._acceptor.stop()
 
+    def _refuse_address(self, address: ClientAddress, reason: str, message: str) -> None:
+        refuse(self.id, self.stats, self._on_refused, address, reason=reason, message=message)
+
     async def _on_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        settings = self.settings
-        socket_peer = ClientAddress.direct(*peer)
-        refusal = None
-        limit = settings.max_connections
-        if limit != UNLIMITED and self.stats.current >= limit:
-            refusal = ("max_connections", f"max_connections ({limit}) reached")
-        elif (early := peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer[0])) is not None:
-            refusal = (early.reason, str(early))
-        if refusal is not None:
-            refuse(self.id, self.stats, self._on_refused, socket_peer, reason=refusal[0], message=refusal[1])
-            sock.close()
+        admitted, header = await admit_before_tls(
+            sock, peer, self.settings, self.stats.current, self._refuse_address
+        )
+        if not admitted:
             return
         self.stats.current += 1
         self.stats.accepted += 1
         connection: StreamConnection | None = None
         try:
-            header = None
-            if settings.proxy_protocol is not ProxyProtocolMode.OFF:
-                gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, peer[0])
-                try:
-                    header = await asyncio.wait_for(
-                        read_proxy_header_exact(sock, gate), settings.proxy_protocol_timeout
-                    )
-                except TimeoutError:
-                    timeout = settings.proxy_protocol_timeout
-                    self._refuse_socket(
-                        sock, socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s"
-                    )
-                    return
-                except ProxyProtocolError as exc:
-                    self._refuse_socket(sock, socket_peer, exc.reason, str(exc))
-                    return
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    sock.close()
-                    return
             address = client_address(header, *peer)
-            reader, writer = await self._handshake(sock, address)
-            if reader is None or writer is None:
+            streams = await self._handshake(sock, address)
+            if streams is None:
                 return
-            tls = local_tls_info(writer.get_extra_info("ssl_object"))
-            address = ClientAddress(
-                address.ip,
-                address.port,
-                address.source,
-                address.proxy_ip,
-                address.proxy_port,
-                address.details,
-                tls,
-            )
+            reader, writer = streams
+            address = dataclasses.replace(address, tls=local_tls_info(writer.get_extra_info("ssl_object")))
             connection = StreamConnection(reader, writer)
             self._connections.add(connection)
-            await self._handler(connection, address, settings)
+            await self._handler(connection, address, self.settings)
         finally:
             self.stats.current -= 1
             if connection is not None:
                 self._connections.discard(connection)
                 await connection.close()
 
-    def _refuse_socket(self, sock: socket.socket, peer: ClientAddress, reason: str, message: str) -> None:
-        refuse(self.id, self.stats, self._on_refused, peer, reason=reason, message=message)
-        sock.close()
-
     async def _handshake(
         self, sock: socket.socket, address: ClientAddress
-    ) -> tuple[asyncio.StreamReader | None, asyncio.StreamWriter | None]:
-        """TLS on the accepted socket, bounded by ``ssl_options.handshake_timeout``."""
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """TLS on the accepted socket, bounded by ``ssl_options.handshake_timeout``; None if it failed."""
         assert self._context is not None and self.settings.ssl_options is not None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
@@ -289,15 +237,8 @@ class SslListener(TcpListener):
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=timeout
             )
-        except (TimeoutError, ConnectionAbortedError) as exc:
-            # asyncio reports a handshake timeout as ConnectionAbortedError("... taking longer ...").
-            if isinstance(exc, TimeoutError) or "longer than" in str(exc):
-                self._refuse_socket(sock, address, "tls_timeout", f"no TLS handshake within {timeout:g}s")
-            else:
-                self._refuse_socket(sock, address, "tls_error", f"TLS handshake failed: {exc}")
-            return None, None
-        except (ssl.SSLError, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            self._refuse_socket(sock, address, "tls_error", f"TLS handshake failed: {reason}")
-            return None, None
+        except OSError as exc:  # ssl.SSLError, ConnectionAbortedError (timeout)...
+            self._refuse_address(address, *handshake_failure(exc, timeout))
+            sock.close()
+            return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)

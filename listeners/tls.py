@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 #: TLS versions a listener may enable (EMQX's names).
 VERSIONS: Final = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
@@ -86,6 +86,55 @@ def make_server_context(
         except ssl.SSLError:
             raise ValueError(f"ciphers: {ciphers!r} selects no cipher OpenSSL knows") from None
     return context
+
+
+class ContextOptions(Protocol):
+    """What :func:`context_from` reads (``broker.settings.SslOptions``)."""
+
+    @property
+    def certfile(self) -> str: ...
+    @property
+    def keyfile(self) -> str: ...
+    @property
+    def cacertfile(self) -> str: ...
+    @property
+    def verify(self) -> bool: ...
+    @property
+    def fail_if_no_peer_cert(self) -> bool: ...
+    @property
+    def versions(self) -> tuple[str, ...]: ...
+    @property
+    def ciphers(self) -> str: ...
+
+
+def context_from(options: ContextOptions) -> ssl.SSLContext:
+    """:func:`make_server_context` from a listener's ``ssl_options``.
+
+    Raises:
+        ValueError: as :func:`make_server_context`.
+    """
+    return make_server_context(
+        certfile=options.certfile,
+        keyfile=options.keyfile,
+        cacertfile=options.cacertfile,
+        verify_peer=options.verify,
+        fail_if_no_peer_cert=options.fail_if_no_peer_cert,
+        versions=options.versions,
+        ciphers=options.ciphers,
+    )
+
+
+def handshake_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """The refusal reason and message for a failed server-side handshake.
+
+    asyncio reports a handshake timeout as ``ConnectionAbortedError("... taking longer than ...")``.
+    """
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)
+    ):
+        return "tls_timeout", f"no TLS handshake within {timeout:g}s"
+    detail = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return "tls_error", f"TLS handshake failed: {detail}"
 
 
 def local_tls_info(ssl_object: ssl.SSLObject | None) -> TlsInfo | None:

@@ -31,7 +31,7 @@ from websockets.typing import Subprotocol
 
 from broker.errors import ForwardedHeaderError, ProxyProtocolError
 from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
-from listeners.acceptor import Acceptor, read_proxy_header_exact
+from listeners.acceptor import Acceptor, admit_before_tls
 from listeners.address import AddressSource, ClientAddress, format_hostport, normalize_ip
 from listeners.connection import (
     AddressCheck,
@@ -44,8 +44,7 @@ from listeners.connection import (
 from listeners.forwarded import HeaderRules, resolve
 from listeners.gate import ProxyGate, client_address, peer_refusal
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
-from listeners.tcp import server_context
-from listeners.tls import local_tls_info
+from listeners.tls import context_from, handshake_failure, local_tls_info
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ class WebSocketListener:
         bind = self.settings.bind
         if self.settings.ssl_options is not None:
             try:
-                self._context = server_context(self.settings)
+                self._context = context_from(self.settings.ssl_options)
             except ValueError as exc:
                 raise OSError(0, str(exc)) from None
             self._server = _TlsServer(
@@ -279,38 +278,10 @@ class WebSocketListener:
 
     async def _on_tls_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """A ``wss`` connection: limits, the PROXY header taken exactly, TLS, then websockets."""
-        settings = self.settings
-        assert self._context is not None and settings.ssl_options is not None
-        socket_peer = ClientAddress.direct(*peer)
-        limit = settings.max_connections
-        early = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer[0])
-        if limit != UNLIMITED and self.stats.current >= limit:
-            self.refuse(socket_peer, "max_connections", f"max_connections ({limit}) reached")
-            sock.close()
+        assert self._context is not None and self.settings.ssl_options is not None
+        admitted, header = await admit_before_tls(sock, peer, self.settings, self.stats.current, self.refuse)
+        if not admitted:
             return
-        if early is not None:
-            self.refuse(socket_peer, early.reason, str(early))
-            sock.close()
-            return
-        header = None
-        if settings.proxy_protocol is not ProxyProtocolMode.OFF:
-            gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, peer[0])
-            try:
-                header = await asyncio.wait_for(
-                    read_proxy_header_exact(sock, gate), settings.proxy_protocol_timeout
-                )
-            except TimeoutError:
-                timeout = settings.proxy_protocol_timeout
-                self.refuse(socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s")
-                sock.close()
-                return
-            except ProxyProtocolError as exc:
-                self.refuse(socket_peer, exc.reason, str(exc))
-                sock.close()
-                return
-            except (asyncio.IncompleteReadError, ConnectionError):
-                sock.close()
-                return
 
         def factory() -> _AddressingConnection:
             connection = self._make_connection()
@@ -318,22 +289,13 @@ class WebSocketListener:
             connection.proxy_header = header
             return connection
 
-        timeout = settings.ssl_options.handshake_timeout
+        timeout = self.settings.ssl_options.handshake_timeout
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 factory, sock, ssl=self._context, ssl_handshake_timeout=timeout
             )
-        except (TimeoutError, ConnectionAbortedError) as exc:
-            if isinstance(exc, TimeoutError) or "longer than" in str(exc):
-                self.refuse(
-                    client_address(header, *peer), "tls_timeout", f"no TLS handshake within {timeout:g}s"
-                )
-            else:
-                self.refuse(client_address(header, *peer), "tls_error", f"TLS handshake failed: {exc}")
-            sock.close()
-        except OSError as exc:
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            self.refuse(client_address(header, *peer), "tls_error", f"TLS handshake failed: {reason}")
+        except OSError as exc:  # ssl.SSLError, ConnectionAbortedError (timeout)...
+            self.refuse(client_address(header, *peer), *handshake_failure(exc, timeout))
             sock.close()
 
     def abort_connections(self) -> None:
