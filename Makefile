@@ -27,7 +27,9 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-## make bench: the benchmarks quoted in README.md (make bench BENCH_ARGS=--quick for a smoke run)
+## make bench: every benchmark side by side (realip-broker, amqtt 0.12.1, mosquitto), < 10 min: tables,
+## ratios, wall times, the issue's criteria. BENCH_ARGS=--quick: smoke run (< 1 min);
+## BENCH_ARGS="--only throughput ratio latency connect ws memory parse admin profile"; --output FILE
 bench: venv peers
 	$(PY) bench/run.py $(BENCH_ARGS)
 

@@ -7,6 +7,7 @@ metrics report.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ class AddressSource(StrEnum):
     FORWARDED = "forwarded"
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_ip(text: str) -> str:
     """Return the canonical text of an IP address; IPv4-mapped IPv6 becomes plain IPv4.
 
     A dual-stack socket reports an IPv4 peer as ``::ffff:a.b.c.d``; access rules and reports must
     see ``a.b.c.d``. A zone index (``fe80::1%eth0``) is kept.
+
+    Cached: the same load balancers and clients come back again and again.
 
     Raises:
         ValueError: ``text`` is not an IP address.

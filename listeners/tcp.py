@@ -112,9 +112,9 @@ class TcpListener:
             pending = b""
             if settings.proxy_protocol is not ProxyProtocolMode.OFF:
                 try:
-                    header, pending = await asyncio.wait_for(
-                        self._read_header(reader, peer_ip), settings.proxy_protocol_timeout
-                    )
+                    # asyncio.timeout, not wait_for: no extra task per connection.
+                    async with asyncio.timeout(settings.proxy_protocol_timeout):
+                        header, pending = await self._read_header(reader, peer_ip)
                 except TimeoutError:
                     timeout = settings.proxy_protocol_timeout
                     self._refuse(
