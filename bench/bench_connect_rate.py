@@ -25,7 +25,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from benchlib import AMQTT, Broker, Options, Table, connect_packet, median, spread  # noqa: E402
+from benchlib import AMQTT, Broker, Options, Table, add_rate_rows, connect_packet  # noqa: E402
 
 from listeners.proxy_protocol import build_v1, build_v2  # noqa: E402
 
@@ -108,16 +108,7 @@ async def measure(
             "client CPU",
         ],
     )
-    for kind, values in results.items():
-        ratios = [mine[0] / base[0] for mine, base in zip(values, plain, strict=True)]
-        table.add(
-            kind,
-            f"{median([v[0] for v in values]):,.0f}",
-            " ".join(f"{v[0]:,.0f}" for v in values),
-            spread(ratios),
-            f"{median([v[1] for v in values]):.0%}",
-            f"{median([v[2] for v in values]):.0%}",
-        )
+    add_rate_rows(table, results, plain)
     table.notes += [
         "Each connection: [PROXY header +] CONNECT -> CONNACK -> DISCONNECT, close; one asyncio client "
         "process (this one). Ratios are taken within a round, then median [min-max] over rounds.",

@@ -20,7 +20,7 @@ import contextlib
 import resource
 import time
 
-from benchlib import BenchError, Broker, Options, Table, connect_packet, median, spread
+from benchlib import BenchError, Broker, Options, Table, add_rate_rows, connect_packet
 
 #: (connections per round, rounds); full and quick.
 SIZES = {False: (750, 8), True: (200, 2)}
@@ -139,16 +139,7 @@ async def measure(broker: Broker, connections: int, rounds: int, client: str = "
         f"rounds, {CONCURRENCY} in flight, {client} client)",
         ["listener", "conn/s (median)", "per round", "ratio to no header", "broker CPU", "client CPU"],
     )
-    for kind, values in results.items():
-        ratios = [mine[0] / ref[0] for mine, ref in zip(values, base, strict=True)]
-        table.add(
-            kind,
-            f"{median([v[0] for v in values]):,.0f}",
-            " ".join(f"{v[0]:,.0f}" for v in values),
-            spread(ratios),
-            f"{median([v[1] for v in values]):.0%}",
-            f"{median([v[2] for v in values]):.0%}",
-        )
+    add_rate_rows(table, results, base)
     table.notes += [
         "Each connection: HTTP upgrade (subprotocol mqtt) -> CONNECT -> CONNACK -> DISCONNECT -> close "
         "handshake. XFF listener: proxy_address_header X-Forwarded-For, trusted_proxies 127.0.0.1/32; "

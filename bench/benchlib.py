@@ -471,6 +471,26 @@ def spread(values: Sequence[float]) -> str:
     return f"{median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
+def add_rate_rows(
+    table: Table, results: dict[str, list[tuple[float, float, float]]], base: list[tuple[float, float, float]]
+) -> None:
+    """One row per contender of a rate benchmark: median rate, per-round rates, the ratio to
+    ``base`` taken within each round (median [min-max]), broker and client CPU.
+
+    Each result is ``(rate, broker CPU share, client CPU share)`` per round.
+    """
+    for kind, values in results.items():
+        ratios = [mine[0] / ref[0] for mine, ref in zip(values, base, strict=True)]
+        table.add(
+            kind,
+            f"{median([v[0] for v in values]):,.0f}",
+            " ".join(f"{v[0]:,.0f}" for v in values),
+            spread(ratios),
+            f"{median([v[1] for v in values]):.0%}",
+            f"{median([v[2] for v in values]):.0%}",
+        )
+
+
 @dataclass
 class Table:
     """A result table, printed as Markdown (paste-able into the README)."""

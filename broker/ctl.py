@@ -35,7 +35,9 @@ BAN_KINDS = ("peerhost", "clientid", "username")
 TOKEN_ENV = "REALIP_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the admin API's default)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -68,7 +70,7 @@ class AdminClient:
             AdminError: the broker could not be reached, refused the token, or answered garbage.
         """
         if self.address.path is not None:
-            connection: http.client.HTTPConnection = _UnixHTTPConnection(self.address.path, self.timeout)
+            connection: http.client.HTTPConnection = UnixHTTPConnection(self.address.path, self.timeout)
         else:
             connection = http.client.HTTPConnection(
                 self.address.host or "", self.address.port, timeout=self.timeout

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import signal
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from broker.ctl import UnixHTTPConnection
 from tests.e2e.peers import Nginx, free_port, render_example
 from tests.support import (
     WAIT,
@@ -114,16 +113,6 @@ def test_deny_ban_restart_unban_with_audit(tmp_path: Path, peers: Any, clients: 
     assert record["ts"].endswith("+00:00")
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=WAIT)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self._path)
-
-
 def test_sigkill_during_rapid_ban_changes_never_leaves_an_unreadable_file(tmp_path: Path) -> None:
     workdir = tmp_path / "b"
     workdir.mkdir()
@@ -135,7 +124,7 @@ def test_sigkill_during_rapid_ban_changes_never_leaves_an_unreadable_file(tmp_pa
     def hammer() -> None:
         nonlocal done
         for index in range(1000):
-            connection = _Unix(socket_path)
+            connection = UnixHTTPConnection(socket_path, WAIT)
             try:
                 if index % 2 == 0:
                     body = json.dumps({"as": "clientid", "who": f"c{index % 50}", "reason": "x" * 200})

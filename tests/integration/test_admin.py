@@ -15,24 +15,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.ctl import UnixHTTPConnection
 from tests.support import REPO, WAIT, BrokerProcess, Clients, broker_config, client_info, ctl, listener_config
 
 BrokerFactory = Callable[..., BrokerProcess]
 TOKEN = "s3cret-token-0123456789"
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=WAIT)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self._path)
-
-
 def get(broker: BrokerProcess, path: str) -> tuple[int, bytes, str]:
-    connection = _Unix(str(broker.workdir / "data" / "admin.sock"))
+    connection = UnixHTTPConnection(str(broker.workdir / "data" / "admin.sock"), WAIT)
     connection.request("GET", path)
     response = connection.getresponse()
     return response.status, response.read(), response.getheader("Content-Type", "")
