@@ -58,6 +58,7 @@ class BrokerApp:
         self.gatekeeper = Gatekeeper(settings, self.bans)
         self.engine = Engine(
             connect_timeout=settings.mqtt.idle_timeout,
+            max_packet_size=settings.mqtt.max_packet_size,
             gatekeeper=self.gatekeeper,
             hooks=self.audit,
             authorizer=Authorizer(settings.authorization.rules, settings.authorization.no_match),

@@ -10,19 +10,22 @@ one of its ``topics`` matches:
 - delivery of topic T to a subscriber: ``subscribe`` rules are applied to T, so a broad
   subscription (``#``) never carries a topic its client may not subscribe to.
 
-``${clientid}`` and ``${username}`` in a rule's topics stand for the client's own; a value holding
-``+``, ``#`` or ``/`` never matches (it could widen the rule), nor does ``${username}`` for a
-client without one. Pure code; ``broker.engine`` calls :meth:`Authorizer.allows`.
+``${clientid}`` and ``${username}`` in a rule's topics stand for the client's own, substituted in
+one pass; a value holding ``+``, ``#``, ``/`` or ``$`` never matches (it could widen the rule or
+smuggle in a placeholder), nor does ``${username}`` for a client without one. Pure code;
+``broker.engine`` calls :meth:`Authorizer.allows`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
 from listeners.address import Networks
 
 ACTIONS: Final = ("publish", "subscribe", "all")
+_PLACEHOLDER: Final = re.compile(r"\$\{clientid\}|\$\{username\}")
 PLACEHOLDERS: Final = ("${clientid}", "${username}")
 
 
@@ -96,14 +99,13 @@ class Rule:
         values = {"${clientid}": client_id, "${username}": username}
         filters = []
         for topic in self.topics:
-            filled = topic
-            for placeholder, value in values.items():
-                if placeholder in filled:
-                    if not value or any(c in value for c in "+#/"):
-                        break
-                    filled = filled.replace(placeholder, value)
-            else:
-                filters.append(filled)
+            used = [placeholder for placeholder in values if placeholder in topic]
+            # A value that is empty or could widen the filter (or smuggle another placeholder in)
+            # makes the filter unusable for this client.
+            if any(not values[p] or any(c in (values[p] or "") for c in "+#/$") for p in used):
+                continue
+            # One pass over the rule text: a substituted value is never substituted again.
+            filters.append(_PLACEHOLDER.sub(lambda match: values[match.group(0)] or "", topic))
         return filters
 
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,14 +89,27 @@ def check_amqtt_version(found: str | None = None) -> None:
 class _ConnectionReader(ReaderAdapter):
     """amqtt's reader interface over a listener's :class:`Connection`."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, max_read: int, who: str) -> None:
         self._connection = connection
+        self._max_read = max_read
+        self._who = who
         #: When bytes last arrived (time.monotonic), for the keepalive watchdog.
         self.last_activity = time.monotonic()
 
     async def read(self, n: int = -1) -> bytes:
         # amqtt always asks for exact sizes; readexactly's IncompleteReadError is what it expects
         # at end of stream (codecs_amqtt.read_or_raise turns it into NoDataError).
+        if n > self._max_read:
+            # amqtt reads a packet's body in one call sized by the packet's remaining length:
+            # refuse before buffering what a client announces (up to 256 MB) [mqtt.max_packet_size].
+            logger.warning(
+                "%s announced a %d-byte packet (mqtt.max_packet_size %d); closing",
+                self._who,
+                n,
+                self._max_read,
+            )
+            self._connection.abort()
+            raise asyncio.IncompleteReadError(b"", n)
         data = await self._connection.read(n)
         self.last_activity = time.monotonic()
         return data
@@ -260,9 +273,11 @@ class _Handler(BrokerProtocolHandler):
         return handler, session
 
     async def _retry_deliveries(self) -> None:
-        """[MQTT-4.4.0-1] re-send unacknowledged PUBLISH/PUBREL, without holding up the session."""
+        """[MQTT-4.4.0-1] re-send unacknowledged PUBLISH/PUBREL, and resume incoming QoS 2 messages
+        waiting for PUBREL, without holding up the session."""
         assert self.session is not None
-        for message in list(self.session.inflight_out.values()):
+        pending = [*self.session.inflight_in.values(), *self.session.inflight_out.values()]
+        for message in pending:
             task = asyncio.create_task(self._deliver_outgoing(message))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
@@ -276,6 +291,16 @@ class _Handler(BrokerProtocolHandler):
         for task in list(self._retries):
             task.cancel()
         await super().stop()
+
+    async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
+        waiter = self._pubrel_waiters.get(pubrel.packet_id)
+        if waiter is None or waiter.done():
+            # MQTT 3.1.1 4.3.3: the receiver MUST answer a PUBREL with PUBCOMP, also for an id it no
+            # longer holds (delivered before a reconnect), or the client re-sends it forever;
+            # amqtt only logged it.
+            await self._send_packet(PubcompPacket.build(pubrel.packet_id))
+            return
+        await super().handle_pubrel(pubrel)
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction != OUTGOING:
@@ -347,6 +372,45 @@ class _ReplayReader(ReaderAdapter):
         """Not used by the broker side of amqtt."""
 
 
+class _Once:
+    """Calls a function the first time it is called, never again."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function: Callable[[], None] | None = function
+
+    def __call__(self) -> None:
+        function, self._function = self._function, None
+        if function is not None:
+            function()
+
+
+class _KeyedLocks:
+    """One asyncio lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: str) -> None:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget(key)
+            raise
+
+    def release(self, key: str) -> None:
+        self._locks[key][0].release()
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users == 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
 class _Broker(Broker):
     """amqtt's Broker with its connection lifecycle replaced (``_client_connected``).
 
@@ -383,6 +447,14 @@ class _Broker(Broker):
         self.hooks = hooks
         # client id -> set once the connection currently attached to that session has ended.
         self._flows: dict[str, asyncio.Event] = {}
+        self._id_locks = _KeyedLocks()
+        # Deliveries under way (a task each, as amqtt's handler API wants).
+        self._deliveries: set[asyncio.Future[Any]] = set()
+
+    def _delivery_done(self, task: asyncio.Future[Any]) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a delivery failed: %r", task.exception())
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
@@ -415,6 +487,8 @@ class _Broker(Broker):
             refusal = self.gatekeeper.check_client(
                 writer.listener_id, writer.address.ip, client_id, incoming.username
             )
+        if refusal is None and incoming.will_flag:
+            refusal = self._check_will(incoming)
         if refusal is None and not await self._authenticate(incoming, self.listeners_config[listener_name]):
             refusal = Refusal("auth", "not authorized by the authentication plugins")
         if refusal is not None:
@@ -426,8 +500,29 @@ class _Broker(Broker):
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             return
-        session = await self._take_session(incoming)
-        await self._run_session(session, handler, reader, writer)
+        # One admission at a time per client id, held until the connection is fully started
+        # (CONNACK sent, handler running): two CONNECTs with the same id arriving together must not
+        # both take over the old connection, nor take over one that is still starting.
+        await self._id_locks.acquire(client_id)
+        release = _Once(lambda: self._id_locks.release(client_id))
+        try:
+            session = await self._take_session(incoming)
+            keep_alive = self._attach(session, handler, reader, writer)
+        except BaseException:
+            release()
+            raise
+        await self._run_session(session, handler, reader, writer, keep_alive=keep_alive, started=release)
+
+    def _check_will(self, incoming: Session) -> Refusal | None:
+        """A will is a PUBLISH the client asks for in advance: the same rules apply, decided now."""
+        topic = incoming.will_topic or ""
+        if not topic or "#" in topic or "+" in topic or "\0" in topic:
+            return Refusal("will_topic", f"will topic {topic!r} is not a valid topic name [MQTT-3.1.3-10]")
+        if topic.startswith("$SYS"):
+            return Refusal("will_topic", f"will topic {topic!r}: $SYS topics belong to the broker")
+        if not self._topic_filtering_sync(incoming, topic, Action.PUBLISH):
+            return Refusal("will_topic", f"may not publish its will to {topic!r} (authorization rules)")
+        return None
 
     async def _take_session(self, incoming: Session) -> Session:
         """The session this admitted CONNECT continues or starts; takes over a connected one."""
@@ -449,6 +544,11 @@ class _Broker(Broker):
             setattr(session, name, getattr(incoming, name))
         session.clean_session = False
         session.parent = 1  # [MQTT-3.2.2-2] session present
+        # In-flight messages were allowed to the session's previous connection; the new one (maybe
+        # from another address) gets only what it may receive now.
+        for packet_id, message in list(session.inflight_out.items()):
+            if not self._topic_filtering_sync(session, message.topic, Action.RECEIVE):
+                del session.inflight_out[packet_id]
         return session
 
     async def _take_over(self, client_id: str, old_handler: BrokerProtocolHandler) -> None:
@@ -624,6 +724,9 @@ class _Broker(Broker):
         tasks = []
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
+            # Queued for the previous connection; the new one may come from elsewhere.
+            if not self._topic_filtering_sync(session, queued.topic, Action.RECEIVE):
+                continue
             tasks.append(
                 asyncio.ensure_future(
                     handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
@@ -703,24 +806,42 @@ class _Broker(Broker):
         if isinstance(writer, _ConnectionWriter) and writer.end_reason is None:
             clean = isinstance(disconnect_waiter.result(), DisconnectPacket)
             writer.end_reason = "client_disconnect" if clean else "connection_lost"
+        if client_session.will_flag and self._check_will(client_session) is not None:
+            client_session.will_flag = False  # checked at CONNECT; never published unchecked
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
-    async def _run_session(
+    def _attach(
         self, session: Session, handler: BrokerProtocolHandler, reader: ReaderAdapter, writer: WriterAdapter
-    ) -> None:
+    ) -> int:
+        """Register the connection as the session's; returns the client's keepalive."""
         client_id = session.client_id or ""
         if session.transitions.is_connected():
             session.transitions.disconnect()
         # amqtt's own keepalive machinery does nothing on the broker side (its read and write
         # timeout handlers are no-ops) yet costs a task per packet read (wait_for) and a timer per
         # packet written. It is set up from session.keep_alive in attach() and start(); amqtt sees
-        # 0 there, and _keepalive() below enforces the client's real value.
-        keep_alive, session.keep_alive = session.keep_alive, 0
+        # 0 there, and _keepalive() enforces the client's real value.
+        keep_alive: int = session.keep_alive
+        session.keep_alive = 0
         handler.attach(session, reader, writer)
         session.transitions.connect()
         self._sessions[client_id] = (session, handler)
-        flow_ended = asyncio.Event()
-        self._flows[client_id] = flow_ended
+        self._flows[client_id] = asyncio.Event()
+        return keep_alive
+
+    async def _run_session(
+        self,
+        session: Session,
+        handler: BrokerProtocolHandler,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        *,
+        keep_alive: int,
+        started: _Once,
+    ) -> None:
+        """Serve an attached connection to its end; ``started`` is called once it runs (or fails)."""
+        client_id = session.client_id or ""
+        flow_ended = self._flows[client_id]
         assert isinstance(writer, _ConnectionWriter)
         who = f"{writer.listener_id}: client {client_id!r} from {writer.address.describe()}"
         try:
@@ -735,6 +856,7 @@ class _Broker(Broker):
                 await handler.start()
             finally:
                 session.keep_alive = keep_alive
+                started()
             watchdog = None
             if keep_alive > 0 and isinstance(reader, _ConnectionReader):
                 watchdog = asyncio.create_task(self._keepalive(handler, reader, writer, keep_alive))
@@ -745,6 +867,7 @@ class _Broker(Broker):
                 if watchdog is not None:
                     watchdog.cancel()
         finally:
+            started()
             if self._flows.get(client_id) is flow_ended:
                 del self._flows[client_id]
             current = self._sessions.get(client_id)
@@ -768,6 +891,7 @@ class Engine:
         self,
         *,
         connect_timeout: float = 15.0,
+        max_packet_size: int = 1024 * 1024,
         gatekeeper: Gatekeeper | None = None,
         hooks: EngineHooks | None = None,
         authorizer: Authorizer | None = None,
@@ -775,6 +899,7 @@ class Engine:
         self._broker: _Broker | None = None
         self._authorizer = authorizer or Authorizer()
         self._connect_timeout = connect_timeout
+        self._max_packet_size = max_packet_size
         self._gatekeeper = gatekeeper
         self._hooks: EngineHooks = hooks or _NoHooks()
         self.counters = MessageCounters()
@@ -821,7 +946,8 @@ class Engine:
         writer = _ConnectionWriter(
             connection, address, listener.id, self.counters, listener.peer_cert_as_username == "cn"
         )
-        await self._broker.external_connected(_ConnectionReader(connection), writer, listener.id)
+        reader = _ConnectionReader(connection, self._max_packet_size, f"{listener.id}: {address.describe()}")
+        await self._broker.external_connected(reader, writer, listener.id)
 
     def sessions(self) -> list[SessionView]:
         """The clients connected now, in connection order."""

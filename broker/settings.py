@@ -410,7 +410,40 @@ class AdminSettings:
     """``admin``: the admin API used by ``realip-broker ctl`` and by monitoring."""
 
     listen: AdminAddress = setting(AdminAddress(path="data/admin.sock"), parse_admin_listen, str)
-    token: str = setting("", lambda v: v if isinstance(v, str) else parse_text(v))
+    token: str = setting(
+        "", lambda v: v if isinstance(v, str) else parse_text(v), lambda v: "********" if v else ""
+    )
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024 * 1024}
+
+#: [MQTT-2.2.3] the largest packet the remaining-length encoding allows (256 MB).
+MQTT_MAX_PACKET = 268_435_455
+
+
+def parse_size(value: Any) -> int:
+    """A byte size: ``1048576``, ``"256KB"``, ``"1MB"`` (1 KB = 1024 bytes), 1 KB to 256 MB.
+
+    Raises:
+        ValueError: not a size, or out of range.
+    """
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    match = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"{value!r} is not a size (e.g. '1MB', '256KB', 65536)")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not 1024 <= size <= MQTT_MAX_PACKET:
+        raise ValueError(f"{value!r} is outside 1KB..256MB")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The shortest exact form of a byte size (inverse of :func:`parse_size`)."""
+    for unit in ("MB", "KB"):
+        if size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
 
 
 @dataclass(frozen=True)
@@ -419,6 +452,8 @@ class MqttSettings:
 
     #: Close a connection that sends no CONNECT in time (amqtt itself would wait forever).
     idle_timeout: float = setting(15.0, parse_duration, format_duration)
+    #: Close a connection that announces a larger packet, before buffering it (EMQX's default).
+    max_packet_size: int = setting(1024 * 1024, parse_size, format_size)
 
 
 def _parse_rules_into(value: Any, path: str, problems: list[ConfigProblem]) -> tuple[Rule, ...]:

@@ -163,7 +163,9 @@ def parse_network(entry: str) -> IPNetwork:
     """Parse one CIDR (``10.0.0.0/8``, ``fd00::/8``) or bare address.
 
     Strict: host bits must be zero, so a typo like ``10.0.0.1/8`` is an error instead of
-    silently trusting a whole /8.
+    silently trusting a whole /8. An IPv4-mapped network (``::ffff:10.0.0.0/104``) becomes the IPv4
+    one, because addresses are matched in IPv4 form (an IPv6 network wider than the mapped range,
+    such as ``::/0``, matches IPv6 clients only).
 
     Raises:
         ValueError: ``entry`` is not a network; the message quotes it.
@@ -171,7 +173,17 @@ def parse_network(entry: str) -> IPNetwork:
     if not isinstance(entry, str):
         raise ValueError(f"{entry!r} is not a network (expected a string like '10.0.0.0/8')")
     try:
-        return ipaddress.ip_network(entry.strip(), strict=True)
+        network = ipaddress.ip_network(entry.strip(), strict=True)
     except ValueError as exc:
         detail = "has host bits set" if "host bits" in str(exc) else "is not a network"
         raise ValueError(f"{entry!r} {detail}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        # Addresses are compared in IPv4 form (normalize_ip), so an IPv4-mapped network must be too,
+        # or a deny list written that way would never match.
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")

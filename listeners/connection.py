@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a closing connection may take to flush what is queued before it is dropped.
+CLOSE_TIMEOUT = 5.0
+
 
 class Connection(Protocol):
     """A client connection as the engine sees it.
@@ -46,6 +49,9 @@ class Connection(Protocol):
 
     async def close(self) -> None:
         """Close the connection; safe to call more than once."""
+
+    def abort(self) -> None:
+        """Drop the connection at once, without flushing."""
 
     def ssl_object(self) -> ssl.SSLObject | None:
         """The TLS session, when the listener terminated TLS itself."""
@@ -146,8 +152,13 @@ class StreamConnection:
             if not self._writer.transport.is_closing() and self._writer.can_write_eof():
                 self._writer.write_eof()
         self._writer.close()
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await self._writer.wait_closed()
+        try:
+            # A peer that stopped reading never lets the buffer drain: bounded, then dropped.
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self._writer.transport.abort()
+        except (OSError, asyncio.CancelledError):
+            pass
 
     def abort(self) -> None:
         """Drop the connection at once, without flushing (shutdown, refusal)."""

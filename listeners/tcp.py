@@ -200,15 +200,17 @@ class SslListener(TcpListener):
         refuse(self.id, self.stats, self._on_refused, address, reason=reason, message=message)
 
     async def _on_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        admitted, header = await admit_before_tls(
-            sock, peer, self.settings, self.stats.current, self._refuse_address
-        )
-        if not admitted:
-            return
+        # Counted from accept: connections still in their PROXY header or handshake hold a socket
+        # too, and max_connections must bound them.
         self.stats.current += 1
-        self.stats.accepted += 1
         connection: StreamConnection | None = None
         try:
+            admitted, header = await admit_before_tls(
+                sock, peer, self.settings, self.stats.current - 1, self._refuse_address
+            )
+            if not admitted:
+                return
+            self.stats.accepted += 1
             address = client_address(header, *peer)
             streams = await self._handshake(sock, address)
             if streams is None:
@@ -223,6 +225,8 @@ class SslListener(TcpListener):
             if connection is not None:
                 self._connections.discard(connection)
                 await connection.close()
+            else:
+                sock.close()  # refused, failed, or cancelled at shutdown: never leak the socket
 
     async def _handshake(
         self, sock: socket.socket, address: ClientAddress

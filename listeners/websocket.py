@@ -202,6 +202,7 @@ class WebSocketListener:
         self._server: Server | None = None
         self._acceptor: Acceptor | None = None
         self._context: ssl.SSLContext | None = None
+        self._pending = 0  # wss sockets accepted, not yet handed to websockets
         self._connections: set[WebSocketConnection] = set()
         self._connection_class = type(
             "AddressingConnection", (_AddressingConnection,), {"listener": self, "__module__": __name__}
@@ -279,7 +280,21 @@ class WebSocketListener:
     async def _on_tls_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """A ``wss`` connection: limits, the PROXY header taken exactly, TLS, then websockets."""
         assert self._context is not None and self.settings.ssl_options is not None
-        admitted, header = await admit_before_tls(sock, peer, self.settings, self.stats.current, self.refuse)
+        # Until the handshake completes (connection_made) the socket is counted here, so that
+        # max_connections bounds handshakes in progress too.
+        self._pending += 1
+        try:
+            await self._tls_handover(sock, peer)
+        except BaseException:
+            sock.close()  # cancelled at shutdown: never leak the socket
+            raise
+        finally:
+            self._pending -= 1
+
+    async def _tls_handover(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        assert self._context is not None and self.settings.ssl_options is not None
+        current = self.stats.current + self._pending - 1
+        admitted, header = await admit_before_tls(sock, peer, self.settings, current, self.refuse)
         if not admitted:
             return
 

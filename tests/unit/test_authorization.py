@@ -92,3 +92,17 @@ def test_no_match() -> None:
     assert Authorizer((), "deny").allows("publish", "x", "c", None, "1.2.3.4") is False
     assert Authorizer((), "allow").active is False
     assert Authorizer((), "deny").active is True
+
+
+@pytest.mark.parametrize("client_id", ["${username}", "a$b", "x/y", "+", "#"])
+def test_a_client_id_cannot_smuggle_a_placeholder_or_widen_a_rule(client_id: str) -> None:
+    rule = Rule("allow", "all", ("devices/${clientid}/#",))
+    assert rule.filters_for(client_id, "bob") == []
+    assert (
+        Authorizer((rule,), "deny").allows("publish", "devices/bob/x", client_id, "bob", "1.2.3.4") is False
+    )
+
+
+def test_placeholders_are_filled_in_one_pass() -> None:
+    rule = Rule("allow", "all", ("u/${username}/c/${clientid}",))
+    assert rule.filters_for("dev1", "bob") == ["u/bob/c/dev1"]

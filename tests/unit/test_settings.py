@@ -219,3 +219,42 @@ def test_unreadable_files(tmp_path: Any, content: bytes, message: str) -> None:
 def test_missing_file(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match="cannot read the file"):
         load_settings_file(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("entry", "ip", "contains"),
+    [
+        ("::ffff:203.0.113.0/120", "203.0.113.7", True),
+        ("::ffff:203.0.113.0/120", "::ffff:203.0.113.7", True),
+        ("::ffff:203.0.113.0/120", "203.0.114.7", False),
+        ("203.0.113.0/24", "::ffff:203.0.113.7", True),
+        ("2001:db8::/32", "2001:db8::1", True),
+    ],
+)
+def test_ipv4_mapped_networks_match_ipv4_clients(entry: str, ip: str, contains: bool) -> None:
+    from listeners.address import Networks
+
+    assert Networks.parse([entry]).contains(ip) is contains
+
+
+@pytest.mark.parametrize(
+    ("value", "size"), [("1MB", 1048576), ("256KB", 262144), (65536, 65536), ("2048", 2048)]
+)
+def test_sizes(value: Any, size: int) -> None:
+    from broker.settings import format_size, parse_size
+
+    assert parse_size(value) == size
+    assert parse_size(format_size(size)) == size
+
+
+@pytest.mark.parametrize("value", ["1GB", "1 mb", 100, "300MB", True, "x"])
+def test_bad_sizes(value: Any) -> None:
+    from broker.settings import parse_size
+
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+def test_the_admin_token_is_not_printed() -> None:
+    settings = load_settings({"admin": {"listen": "127.0.0.1:18083", "token": "a-very-secret-token-123"}})
+    assert dump_settings(settings)["admin"] == {"listen": "127.0.0.1:18083", "token": "********"}
