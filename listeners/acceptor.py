@@ -14,12 +14,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from broker.errors import ProxyProtocolError
-from broker.settings import UNLIMITED, Bind, ListenerSettings, ProxyProtocolMode
+from broker.settings import Bind, ListenerSettings, ProxyProtocolMode
 from listeners.address import ClientAddress
-from listeners.gate import ProxyGate, peer_refusal
+from listeners.gate import ProxyGate, refusal_at_accept
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ PEEK_SIZE: Final = 8192
 BACKLOG: Final = 100
 
 SocketHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+
+T = TypeVar("T")
 
 #: Counts, logs and reports one refusal: (address, reason, message).
 Refuse = Callable[[ClientAddress, str, str], None]
@@ -87,6 +89,28 @@ async def read_proxy_header_exact(sock: socket.socket, gate: ProxyGate) -> Proxy
         return header
 
 
+async def read_header_within(
+    read: Awaitable[T], seconds: float, socket_peer: ClientAddress, refuse: Refuse
+) -> tuple[bool, T | None]:
+    """Await a PROXY header read (``read``) for at most ``seconds`` (``proxy_protocol_timeout``).
+
+    Returns ``(True, what read returned)``, or ``(False, None)`` when the header was refused or late
+    (reported through ``refuse`` with the reason) or the peer closed first. Never raises for the
+    peer's doing.
+    """
+    try:
+        # asyncio.timeout, not wait_for: no extra task per connection.
+        async with asyncio.timeout(seconds):
+            return True, await read
+    except TimeoutError:
+        refuse(socket_peer, "proxy_timeout", f"no complete PROXY header within {seconds:g}s")
+    except ProxyProtocolError as exc:
+        refuse(socket_peer, exc.reason, str(exc))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        logger.debug("%s closed before sending a PROXY header", socket_peer.peername)
+    return False, None
+
+
 async def admit_before_tls(
     sock: socket.socket, peer: tuple[str, int], settings: ListenerSettings, current: int, refuse: Refuse
 ) -> tuple[bool, ProxyHeader | None]:
@@ -98,25 +122,19 @@ async def admit_before_tls(
     closed. Never raises for the peer's doing.
     """
     socket_peer = ClientAddress.direct(*peer)
-    limit = settings.max_connections
-    early = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer[0])
-    if limit != UNLIMITED and current >= limit:
-        refuse(socket_peer, "max_connections", f"max_connections ({limit}) reached")
-    elif early is not None:
-        refuse(socket_peer, early.reason, str(early))
+    verdict = refusal_at_accept(settings, current, peer[0])
+    if verdict is not None:
+        refuse(socket_peer, *verdict)
     elif settings.proxy_protocol is ProxyProtocolMode.OFF:
         return True, None
     else:
         gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, peer[0])
-        timeout = settings.proxy_protocol_timeout
-        try:
-            return True, await asyncio.wait_for(read_proxy_header_exact(sock, gate), timeout)
-        except TimeoutError:
-            refuse(socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s")
-        except ProxyProtocolError as exc:
-            refuse(socket_peer, exc.reason, str(exc))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        read = read_proxy_header_exact(sock, gate)
+        admitted, header = await read_header_within(
+            read, settings.proxy_protocol_timeout, socket_peer, refuse
+        )
+        if admitted:
+            return True, header
     sock.close()
     return False, None
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 from broker.errors import ProxyProtocolError
-from broker.settings import ProxyProtocolMode
+from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
 from listeners.address import AddressSource, ClientAddress, Networks, normalize_ip
 from listeners.proxy_protocol import (
     DEFAULT_MAX_V2_LENGTH,
@@ -50,6 +50,18 @@ def peer_refusal(mode: ProxyProtocolMode, trusted: Networks, peer_ip: str) -> Pr
             "untrusted_proxy", f"peer {peer_ip} is not in trusted_proxies (proxy_protocol: true)"
         )
     return None
+
+
+def refusal_at_accept(settings: ListenerSettings, current: int, peer_ip: str) -> tuple[str, str] | None:
+    """``(reason, message)`` when a just-accepted connection must be dropped before a byte is read:
+    ``max_connections`` reached (``current`` connections open besides it) or an untrusted peer
+    (:func:`peer_refusal`); ``None`` admits it. Never raises.
+    """
+    limit = settings.max_connections
+    if limit != UNLIMITED and current >= limit:
+        return "max_connections", f"max_connections ({limit}) reached"
+    refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer_ip)
+    return None if refusal is None else (refusal.reason, str(refusal))
 
 
 class ProxyGate:

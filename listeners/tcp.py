@@ -10,12 +10,11 @@ import logging
 import socket
 import ssl
 
-from broker.errors import ProxyProtocolError
-from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
-from listeners.acceptor import Acceptor, admit_before_tls
+from broker.settings import ListenerSettings, ProxyProtocolMode
+from listeners.acceptor import Acceptor, admit_before_tls, read_header_within
 from listeners.address import ClientAddress
 from listeners.connection import ConnectionHandler, ListenerStats, RefusalHook, StreamConnection, refuse
-from listeners.gate import ProxyGate, client_address, peer_refusal
+from listeners.gate import ProxyGate, client_address, refusal_at_accept
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
 from listeners.tls import context_from, handshake_failure, local_tls_info
 
@@ -90,13 +89,9 @@ class TcpListener:
         socket_peer = ClientAddress.direct(peer_ip, peer_port)
         peer = socket_peer.peername
         settings = self.settings
-        limit = settings.max_connections
-        if limit != UNLIMITED and self.stats.current >= limit:
-            self._refuse(writer, socket_peer, "max_connections", f"max_connections ({limit}) reached")
-            return
-        refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer_ip)
-        if refusal is not None:
-            self._refuse(writer, socket_peer, refusal.reason, str(refusal))
+        verdict = refusal_at_accept(settings, self.stats.current, peer_ip)
+        if verdict is not None:
+            self._refuse(writer, socket_peer, *verdict)
             return
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -111,22 +106,15 @@ class TcpListener:
             header: ProxyHeader | None = None
             pending = b""
             if settings.proxy_protocol is not ProxyProtocolMode.OFF:
-                try:
-                    # asyncio.timeout, not wait_for: no extra task per connection.
-                    async with asyncio.timeout(settings.proxy_protocol_timeout):
-                        header, pending = await self._read_header(reader, peer_ip)
-                except TimeoutError:
-                    timeout = settings.proxy_protocol_timeout
-                    self._refuse(
-                        writer, socket_peer, "proxy_timeout", f"no complete PROXY header within {timeout:g}s"
-                    )
+                admitted, read = await read_header_within(
+                    self._read_header(reader, peer_ip),
+                    settings.proxy_protocol_timeout,
+                    socket_peer,
+                    lambda address, reason, message: self._refuse(writer, address, reason, message),
+                )
+                if not admitted or read is None:
                     return
-                except ProxyProtocolError as exc:
-                    self._refuse(writer, socket_peer, exc.reason, str(exc))
-                    return
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    logger.debug("%s: %s closed before sending a PROXY header", self.id, peer)
-                    return
+                header, pending = read
             address = client_address(header, peer_ip, peer_port)
             connection = StreamConnection(reader, writer, pending)
             self._connections.add(connection)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import ProxyProtocolError
-from broker.settings import ProxyProtocolMode
+from broker.settings import ProxyProtocolMode, load_settings
 from listeners.address import AddressSource, ClientAddress, Networks
-from listeners.gate import ProxyGate, client_address, peer_refusal
+from listeners.gate import ProxyGate, client_address, peer_refusal, refusal_at_accept
 from listeners.proxy_protocol import NEED_DATA, build_v1, build_v2
 
 MQTT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"
@@ -92,3 +92,19 @@ def test_client_address_from_headers() -> None:
     local, _ = ProxyGate(ON, Networks(), "10.0.0.5").feed(build_v2(command="LOCAL"))  # type: ignore[misc]
     assert client_address(local, "10.0.0.5", 40000) == ClientAddress("10.0.0.5", 40000)
     assert client_address(None, "::ffff:10.0.0.5", 1) == ClientAddress("10.0.0.5", 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "current", "peer", "verdict"),
+    [
+        ({}, 10, "192.0.2.1", None),
+        ({"max_connections": 2}, 2, "192.0.2.1", "max_connections"),
+        ({"max_connections": 2}, 1, "192.0.2.1", None),
+        ({"proxy_protocol": True, "trusted_proxies": ["10.0.0.0/24"]}, 0, "192.0.2.1", "untrusted_proxy"),
+        ({"proxy_protocol": True, "trusted_proxies": ["10.0.0.0/24"]}, 0, "10.0.0.9", None),
+    ],
+)
+def test_refusal_at_accept(options: dict[str, object], current: int, peer: str, verdict: str | None) -> None:
+    settings = load_settings({"listeners": {"tcp": {"default": options}}}).listeners[0]
+    found = refusal_at_accept(settings, current, peer)
+    assert (found[0] if found else None) == verdict
