@@ -39,12 +39,20 @@ NGINX_HTTP_PREAMBLE = """\
 """
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the peer binds it next)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_port() -> int:
+    """A port nothing listens on right now on 127.0.0.1 *and* ::1 (peers bind both; the IPv6 one
+    can be taken while the IPv4 one is free). The peer binds it next."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET) as v4:
+            v4.bind(("127.0.0.1", 0))
+            port = int(v4.getsockname()[1])
+            with socket.socket(socket.AF_INET6) as v6:
+                try:
+                    v6.bind(("::1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free on both 127.0.0.1 and ::1")
 
 
 def render_example(relative: str, replacements: Mapping[str, str]) -> str:
