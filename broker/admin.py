@@ -78,6 +78,10 @@ def client_json(view: SessionView) -> dict[str, Any]:
         "clean_start": view.clean_session,
         "keepalive": view.keepalive,
         "connected_at": iso8601(view.connected_at),
+        "subscriptions": view.subscriptions,
+        "inflight": view.inflight,
+        "mqueue_len": view.queued,
+        "dropped": view.drops,
         "tls": None if address.tls is None else address.tls.as_dict(),
         "proxy_details": address.details,
     }
@@ -109,7 +113,9 @@ class AdminServer:
         self._engine = engine
         self._listeners = listeners
         self._operations = operations
-        self._collector = BrokerCollector(lambda: self._listeners, engine.counters, engine.count)
+        self._collector = BrokerCollector(
+            lambda: self._listeners, engine.counters, engine.count, engine.stats
+        )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None
 

@@ -40,11 +40,15 @@ def make_listener(
     """The listener object for one configured listener."""
     if settings.type in ("ws", "wss"):
         return WebSocketListener(
-            settings, engine.serve, on_refused=audit.listener_refused, admit=gatekeeper.check_address
+            settings,
+            engine.open,
+            on_refused=audit.listener_refused,
+            admit=gatekeeper.check_address,
+            max_packet_size=engine.settings.max_packet_size,
         )
     if settings.type == "ssl":
-        return SslListener(settings, engine.serve, on_refused=audit.listener_refused)
-    return TcpListener(settings, engine.serve, on_refused=audit.listener_refused)
+        return SslListener(settings, engine.open, on_refused=audit.listener_refused)
+    return TcpListener(settings, engine.open, on_refused=audit.listener_refused)
 
 
 class BrokerApp:
@@ -57,8 +61,8 @@ class BrokerApp:
         self.bans = BanStore(settings.node.data_dir)
         self.gatekeeper = Gatekeeper(settings, self.bans)
         self.engine = Engine(
-            connect_timeout=settings.mqtt.idle_timeout,
-            max_packet_size=settings.mqtt.max_packet_size,
+            settings.mqtt,
+            listeners=settings.listeners,
             gatekeeper=self.gatekeeper,
             hooks=self.audit,
             authorizer=Authorizer(settings.authorization.rules, settings.authorization.no_match),
@@ -98,7 +102,7 @@ class BrokerApp:
             raise StartupError(
                 f"audit.file: cannot open {self.settings.audit.file}: {exc.strerror}"
             ) from None
-        await self.engine.start([listener.id for listener in self.listeners])
+        await self.engine.start()
         self._purger = asyncio.create_task(self._purge_bans())
         for listener in self.listeners:
             try:
@@ -150,13 +154,19 @@ class BrokerApp:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        # SIGHUP's default action kills the process without a word; until reload exists it is
+        # logged and ignored.
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
             await self._stopping.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             await self.stop()
+
+    def _on_sighup(self) -> None:
+        logger.warning("SIGHUP received: configuration reload is not supported yet; ignored")
 
     def _on_signal(self, signum: int) -> None:
         logger.info("%s received: stopping", signal.Signals(signum).name)
@@ -172,7 +182,8 @@ class BrokerApp:
                 logger.error("%s", exc)
 
     async def stop(self) -> None:
-        """Stop accepting, disconnect every client, drop what is left. Safe to call twice."""
+        """Stop accepting, disconnect every client (each one's audit record written), drop what is
+        left, then close the audit log. Safe to call twice."""
         if self._purger is not None:
             self._purger.cancel()
             self._purger = None

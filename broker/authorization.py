@@ -143,3 +143,41 @@ class Authorizer:
                 if hit:
                     return rule.permission == "allow"
         return self.no_match_allows
+
+    def for_client(self, client_id: str, username: str | None, ip: str) -> ClientRules | None:
+        """The rules that concern one client, placeholders filled in once (per connection, so no
+        substitution runs per message); ``None`` when nothing can refuse. Never raises."""
+        if not self.active:
+            return None
+        compiled = []
+        for rule in self.rules:
+            if rule.clientid is not None and rule.clientid != client_id:
+                continue
+            if rule.username is not None and rule.username != username:
+                continue
+            if rule.ipaddress is not None and not rule.ipaddress.contains(ip):
+                continue
+            compiled.append(
+                (rule.action, rule.permission == "allow", tuple(rule.filters_for(client_id, username)))
+            )
+        return ClientRules(tuple(compiled), self.no_match_allows)
+
+
+class ClientRules:
+    """:meth:`Authorizer.allows` for one client, its conditions already decided."""
+
+    __slots__ = ("_no_match_allows", "_rules")
+
+    def __init__(self, rules: tuple[tuple[str, bool, tuple[str, ...]], ...], no_match_allows: bool) -> None:
+        self._rules = rules
+        self._no_match_allows = no_match_allows
+
+    def allows(self, action: str, topic: str, *, is_filter: bool = False) -> bool:
+        """As :meth:`Authorizer.allows` for this client. Never raises."""
+        for rule_action, allow, filters in self._rules:
+            if rule_action not in ("all", action):
+                continue
+            for rule_filter in filters:
+                if filter_covers(rule_filter, topic) if is_filter else topic_matches(rule_filter, topic):
+                    return allow
+        return self._no_match_allows

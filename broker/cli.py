@@ -51,14 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level_name: str) -> None:
-    """Log to stderr; amqtt's own chatter only at debug level."""
+    """Log to stderr; websockets' own chatter only at debug level."""
     level = getattr(logging, level_name.upper())
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
-    quiet = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
-    for name in ("amqtt", "websockets"):
-        logging.getLogger(name).setLevel(quiet)
-    # amqtt's session state machines log every transition; never useful here.
-    logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
 
 
 def _load(path: str | None) -> Settings:
@@ -85,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    from broker.app import BrokerApp  # imports amqtt: only when serving
+    from broker.app import BrokerApp  # the whole engine: only when serving
 
     try:
         asyncio.run(BrokerApp(settings).run())

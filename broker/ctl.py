@@ -136,6 +136,15 @@ def client_line(client: dict[str, Any]) -> str:
         f"keepalive={client['keepalive']}",
         f"connected_at={client['connected_at']}",
     ]
+    if "subscriptions" in client:
+        dropped = client.get("dropped") or {}
+        parts += [
+            f"subscriptions={client['subscriptions']}",
+            f"inflight={client['inflight']}",
+            f"mqueue_len={client['mqueue_len']}",
+            f"dropped={sum(dropped.values())}",
+        ]
+        parts += [f"dropped.{reason}={count}" for reason, count in sorted(dropped.items())]
     return f"Client({', '.join(parts)})"
 
 

@@ -1,13 +1,16 @@
 """The one exception tree of realip-broker.
 
-Every error the project raises on purpose derives from :class:`RealIPError`::
+Every error the project raises on purpose derives from :class:`RealIPError`. The classes marked
+``[listeners]`` are defined in :mod:`listeners.errors` (the lowest layer, which imports nothing from
+:mod:`broker`) and re-exported here, so ``from broker.errors import ProxyProtocolError`` works; the
+others are defined here::
 
-    RealIPError
+    RealIPError                  [listeners] the root
     ├── ConfigError              invalid settings; carries every problem with its path
-    ├── EngineError              the MQTT engine (amqtt) is not the one we were written for, or failed
-    ├── AddressError             a client address could not be learned safely
-    │   ├── ProxyProtocolError   a PROXY protocol v1/v2 header is malformed or refused
-    │   └── ForwardedHeaderError an X-Forwarded-For / X-Real-IP / Forwarded header is malformed
+    ├── EngineError              the MQTT engine failed to start
+    ├── AddressError             [listeners] a client address could not be learned safely
+    │   ├── ProxyProtocolError   [listeners] a PROXY protocol v1/v2 header is malformed or refused
+    │   └── ForwardedHeaderError [listeners] an address header (X-Forwarded-For...) is malformed
     └── AdminError               the admin API or ``realip-broker ctl`` could not do what was asked
 
 ``AddressError`` subclasses carry a short machine-readable ``reason`` (used as a
@@ -19,9 +22,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from listeners.errors import AddressError, ForwardedHeaderError, ProxyProtocolError, RealIPError
 
-class RealIPError(Exception):
-    """Base class of every error raised on purpose by realip-broker."""
+__all__ = [
+    "AddressError",
+    "AdminError",
+    "ConfigError",
+    "ConfigProblem",
+    "EngineError",
+    "ForwardedHeaderError",
+    "ProxyProtocolError",
+    "RealIPError",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,26 +59,7 @@ class ConfigError(RealIPError):
 
 
 class EngineError(RealIPError):
-    """The MQTT engine is missing, of another version than the one pinned, or failed to start."""
-
-
-class AddressError(RealIPError):
-    """The client's address could not be learned safely; the connection must be refused.
-
-    ``reason`` is a short snake_case code (a metrics label); the message says what was wrong.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-class ProxyProtocolError(AddressError):
-    """A PROXY protocol header is malformed, unsupported or not allowed here."""
-
-
-class ForwardedHeaderError(AddressError):
-    """An address header of a WebSocket upgrade request is malformed."""
+    """The MQTT engine failed to start."""
 
 
 class AdminError(RealIPError):

@@ -8,7 +8,8 @@ them, the listeners' :class:`~listeners.connection.ListenerStats` and the live s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,10 +21,20 @@ from listeners.connection import ListenerStats
 
 @dataclass
 class MessageCounters:
-    """PUBLISH packets received from and sent to clients, over all listeners."""
+    """What the engine counts, over all listeners (plain integers: bumped on the hot path)."""
 
+    #: PUBLISH packets received from and sent to clients.
     received: int = 0
     sent: int = 0
+    #: Messages not delivered or not stored, by reason (queue_full, qos0_offline, not_authorized,
+    #: session_discarded, sys_topic, publish_not_authorized, topic_levels, retained_full, ...).
+    dropped: Counter[str] = field(default_factory=Counter)
+    #: CONNECTs refused, by reason (access, banned, client_id, will_topic).
+    refused: Counter[str] = field(default_factory=Counter)
+    #: SUBSCRIBE filters refused (0x80), by reason.
+    refused_subscriptions: Counter[str] = field(default_factory=Counter)
+    #: Connections of admitted clients that ended, by reason.
+    disconnected: Counter[str] = field(default_factory=Counter)
 
 
 class StatsSource(Protocol):
@@ -46,10 +57,12 @@ class BrokerCollector(Collector):
         listeners: Callable[[], Iterable[StatsSource]],
         messages: MessageCounters,
         sessions: Callable[[], int],
+        sizes: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self._listeners = listeners
         self._messages = messages
         self._sessions = sessions
+        self._sizes = sizes
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus-client)."""
@@ -82,6 +95,30 @@ class BrokerCollector(Collector):
         sent = CounterMetricFamily("realip_messages_sent", "PUBLISH packets sent to clients")
         sent.add_metric([], self._messages.sent)
         yield sent
+        for name, help_text, counts in (
+            ("realip_messages_dropped", "Messages not delivered or not stored, by reason", self._messages.dropped),
+            ("realip_connects_refused", "CONNECTs refused, by reason", self._messages.refused),
+            (
+                "realip_subscriptions_refused",
+                "SUBSCRIBE filters refused, by reason",
+                self._messages.refused_subscriptions,
+            ),
+            ("realip_disconnects", "Client connections ended, by reason", self._messages.disconnected),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["reason"])
+            for reason, count in sorted(counts.items()):
+                family.add_metric([reason], count)
+            yield family
+        sizes = self._sizes()
+        for key, help_text in (
+            ("sessions", "Sessions held, connected or not"),
+            ("subscriptions", "Subscriptions held"),
+            ("retained", "Retained messages stored"),
+            ("queued", "Messages waiting in session queues"),
+            ("inflight", "QoS 1/2 deliveries awaiting acknowledgement"),
+        ):
+            if key in sizes:
+                yield GaugeMetricFamily(f"realip_{key}", help_text, value=sizes[key])
 
 
 def render(collector: BrokerCollector) -> bytes:

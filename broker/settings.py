@@ -18,7 +18,6 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,43 +26,16 @@ import yaml
 from broker.authorization import ACTIONS, Rule, valid_filter
 from broker.errors import ConfigError, ConfigProblem
 from listeners.address import Networks, parse_network
+
+# Defined with the listeners (the lower layer), which read them. The redundant aliases re-export
+# them (PEP 484), so `from broker.settings import Bind` goes on working, for mypy too.
+from listeners.options import UNLIMITED as UNLIMITED  # noqa: PLC0414
+from listeners.options import Bind as Bind  # noqa: PLC0414
+from listeners.options import ProxyProtocolMode as ProxyProtocolMode  # noqa: PLC0414
 from listeners.tls import VERSIONS, context_from
 
 #: Listener types this version serves, in the order they are started and listed.
 LISTENER_TYPES = ("tcp", "ssl", "ws", "wss")
-
-#: A listener's ``max_connections`` when the file says ``infinity``: no limit of our own.
-UNLIMITED = 0
-
-
-class ProxyProtocolMode(StrEnum):
-    """``proxy_protocol`` of a listener: whether a PROXY header is required, optional or off."""
-
-    OFF = "false"
-    ON = "true"
-    OPTIONAL = "optional"
-
-    def dump(self) -> bool | str:
-        """The value as written in YAML (``false``, ``true`` or ``optional``)."""
-        return {"false": False, "true": True}.get(self.value, self.value)
-
-
-@dataclass(frozen=True, slots=True)
-class Bind:
-    """A listening address: ``host`` is an IP literal or ``""`` for every interface."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-    @property
-    def is_wildcard(self) -> bool:
-        """Whether this binds every address of its family."""
-        return self.host in ("", "0.0.0.0", "::")
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,6 +410,31 @@ def parse_size(value: Any) -> int:
     return size
 
 
+def parse_count(low: int, high: int) -> Callable[[Any], int]:
+    """A parser for a whole number from ``low`` to ``high``.
+
+    The parser raises ValueError for anything else.
+    """
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{value!r} is not a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def parse_multiplier(value: Any) -> float:
+    """A number from 1 to 100 (``keepalive_multiplier``).
+
+    Raises:
+        ValueError: not a number in that range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 100:
+        raise ValueError(f"{value!r} is not a number from 1 to 100")
+    return float(value)
+
+
 def format_size(size: int) -> str:
     """The shortest exact form of a byte size (inverse of :func:`parse_size`)."""
     for unit in ("MB", "KB"):
@@ -450,10 +447,34 @@ def format_size(size: int) -> str:
 class MqttSettings:
     """``mqtt``: protocol-level limits."""
 
-    #: Close a connection that sends no CONNECT in time (amqtt itself would wait forever).
+    #: Close a connection that sends no CONNECT in time (amqtt 0.12.1 waited forever).
     idle_timeout: float = setting(15.0, parse_duration, format_duration)
     #: Close a connection that announces a larger packet, before buffering it (EMQX's default).
     max_packet_size: int = setting(1024 * 1024, parse_size, format_size)
+    #: QoS 1/2 deliveries awaiting their acknowledgement, per session; the rest wait in the queue.
+    max_inflight: int = setting(32, parse_count(1, 65535))
+    #: Messages queued per session (offline, or beyond the in-flight window); then dropped, counted.
+    max_mqueue_len: int = setting(1000, parse_max_connections, lambda v: v or "infinity")
+    #: Whether QoS 0 messages are queued for an offline persistent session (EMQX's default: yes).
+    mqueue_store_qos0: bool = setting(True, parse_bool)
+    #: An offline persistent (clean session 0) session is discarded after this long.
+    session_expiry_interval: float = setting(7200.0, parse_duration, format_duration)
+    #: Subscriptions per session ("infinity": no limit of ours).
+    max_subscriptions: int = setting(UNLIMITED, parse_max_connections, lambda v: v or "infinity")
+    #: Levels in a topic name or filter; deeper ones are refused (bounds trie depth per request).
+    max_topic_levels: int = setting(128, parse_count(1, 65535))
+    #: Incoming QoS 2 messages awaiting PUBREL, per session; more close the connection.
+    max_awaiting_rel: int = setting(100, parse_count(1, 65535))
+    #: An incoming QoS 2 message whose PUBREL does not come within this time is discarded.
+    await_rel_timeout: float = setting(300.0, parse_duration, format_duration)
+    #: Longest client identifier accepted (CONNACK 2 / 0x85 beyond it).
+    max_clientid_len: int = setting(65535, parse_count(23, 65535))
+    #: Deliver at the subscription's QoS even when the message was published at a lower one.
+    upgrade_qos: bool = setting(False, parse_bool)
+    #: A client silent for this many keepalive periods is disconnected [MQTT-3.1.2-24].
+    keepalive_multiplier: float = setting(1.5, parse_multiplier)
+    #: Retained messages kept broker-wide; a new retained topic beyond it is not stored (counted).
+    max_retained_messages: int = setting(100_000, parse_max_connections, lambda v: v or "infinity")
 
 
 def _parse_rules_into(value: Any, path: str, problems: list[ConfigProblem]) -> tuple[Rule, ...]:

@@ -1,10 +1,12 @@
-"""Accepting connections ourselves, for TLS listeners that read a PROXY header before the handshake.
+"""Accepting connections ourselves, for TLS listeners (``ssl``, ``wss``), which read a PROXY header
+before the handshake.
 
 asyncio's servers start reading as soon as a connection is accepted, so bytes that arrive with the
 PROXY header (the start of the TLS ClientHello) would be read into a buffer the TLS layer never
 sees. Here the header is taken from the socket *exactly*: peek, decide how many bytes belong to the
 header, consume only those; the handshake then starts on an untouched stream
-(``loop.connect_accepted_socket(..., ssl=...)``).
+(``loop.connect_accepted_socket(..., ssl=...)``, in :func:`accept_tls`). A task runs per connection
+only until its handshake is done; the connection is then a :class:`~listeners.stream.ClientProtocol`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
-from broker.errors import ProxyProtocolError
-from broker.settings import Bind, ListenerSettings, ProxyProtocolMode
 from listeners.address import ClientAddress
-from listeners.gate import ProxyGate, refusal_at_accept
+from listeners.errors import ProxyProtocolError
+from listeners.gate import ProxyGate, client_address, refusal_at_accept
+from listeners.options import Bind, ListenerOptions, ProxyProtocolMode
 from listeners.proxy_protocol import NEED_DATA, ProxyHeader
+from listeners.stream import ClientProtocol, ListenerContext
+from listeners.tls import context_from, handshake_failure
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +117,7 @@ async def read_header_within(
 
 
 async def admit_before_tls(
-    sock: socket.socket, peer: tuple[str, int], settings: ListenerSettings, current: int, refuse: Refuse
+    sock: socket.socket, peer: tuple[str, int], settings: ListenerOptions, current: int, refuse: Refuse
 ) -> tuple[bool, ProxyHeader | None]:
     """The checks of a TLS listener before its handshake: ``max_connections`` (``current`` open
     now), trusted peers, and the PROXY header taken exactly.
@@ -137,6 +142,62 @@ async def admit_before_tls(
             return True, header
     sock.close()
     return False, None
+
+
+def load_tls_context(settings: ListenerOptions) -> ssl.SSLContext:
+    """The server context of a TLS listener, from its ``ssl_options``.
+
+    Raises:
+        OSError: with errno 0 and the problem as its message (the convention ``broker.app`` reads
+            to tell a certificate problem from a bind failure): a certificate, key or CA file
+            cannot be read or used.
+    """
+    assert settings.ssl_options is not None, "TLS listeners always have ssl_options"
+    try:
+        return context_from(settings.ssl_options)
+    except ValueError as exc:
+        raise OSError(0, str(exc)) from None
+
+
+async def accept_tls(
+    context: ListenerContext,
+    tls: ssl.SSLContext,
+    sock: socket.socket,
+    peer: tuple[str, int],
+    make_protocol: Callable[[ProxyHeader | None], ClientProtocol],
+) -> None:
+    """One accepted socket of a TLS listener: :func:`admit_before_tls`, the TLS handshake bounded
+    by ``ssl_options.handshake_timeout``, then ``make_protocol(header)`` runs the connection.
+
+    The connection is counted in ``stats.current`` from here, so that those still in their PROXY
+    header or handshake are bounded by ``max_connections`` too; the protocol takes the count over
+    once the handshake is done (``connection_made``). A failed handshake is refused as
+    ``tls_timeout`` or ``tls_error``. Never raises for the peer's doing; the socket is closed on
+    every failure, and on cancellation (shutdown).
+    """
+    stats = context.stats
+    stats.current += 1
+    protocol: ClientProtocol | None = None
+    try:
+        admitted, header = await admit_before_tls(
+            sock, peer, context.settings, stats.current - 1, context.refuse
+        )
+        if not admitted:
+            return
+        stats.accepted += 1
+        new_protocol = protocol = make_protocol(header)  # (a closure would not see it narrowed)
+        assert context.settings.ssl_options is not None
+        timeout = context.settings.ssl_options.handshake_timeout
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: new_protocol, sock, ssl=tls, ssl_handshake_timeout=timeout
+            )
+        except OSError as exc:  # ssl.SSLError, ConnectionAbortedError (timeout)...
+            context.refuse(client_address(header, *peer), *handshake_failure(exc, timeout))
+    finally:
+        if protocol is None or not protocol.made:
+            stats.current -= 1
+            sock.close()
 
 
 class Acceptor:
@@ -172,6 +233,11 @@ class Acceptor:
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) pairs bound."""
         return [sock.getsockname()[:2] for sock in self._sockets]
+
+    def cancel_pending(self) -> None:
+        """Cancel the handlers of connections still being accepted (PROXY header, handshake)."""
+        for task in list(self._handlers):
+            task.cancel()
 
     def stop(self) -> None:
         """Stop accepting and close the listening sockets; accepted connections go on."""

@@ -1,64 +1,85 @@
-"""The byte stream a listener hands to the engine, whatever the transport.
+"""The contract between a listener and the engine, whatever the transport.
 
-A :class:`Connection` reads exact byte counts and writes packets. The engine wraps it for amqtt;
-the listener that made it keeps the transport details (TLS, WebSocket framing, bytes already read
-past a PROXY header). :class:`ListenerStats` is what a listener counts for the admin API and metrics.
+Push-based, as asyncio's own protocols: for each connection the listener calls the engine's
+:data:`SinkFactory` once, as soon as the client's address is known, with a :class:`Link` (what the
+engine may do to the connection); the engine answers with a :class:`Sink` (what the listener tells
+it: bytes of the MQTT stream, flow control, the end). No task runs per connection or per message.
+
+:class:`ListenerStats` is what a listener counts for the admin API and metrics; :func:`refuse` is
+the one shape of a refusal (count, log, report).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-from websockets.exceptions import ConnectionClosed
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
-    from websockets.asyncio.server import ServerConnection
-
-    from broker.settings import ListenerSettings
     from listeners.address import ClientAddress
+    from listeners.options import ListenerOptions
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a closing connection may take to flush what is queued before it is dropped.
-CLOSE_TIMEOUT = 5.0
+#: Seconds a closing connection may take to flush what is queued before it is dropped: a peer that
+#: stops reading would otherwise hold its socket and buffer forever.
+CLOSE_TIMEOUT: Final = 5.0
 
 
-class Connection(Protocol):
-    """A client connection as the engine sees it.
-
-    ``read(n)`` returns exactly ``n`` bytes or raises :class:`asyncio.IncompleteReadError` at end of
-    stream (the contract of :meth:`asyncio.StreamReader.readexactly`).
-    """
-
-    @property
-    def read(self) -> Callable[[int], Awaitable[bytes]]:
-        """The coroutine function reading exactly ``n`` bytes."""
+class Link(Protocol):
+    """What the engine may do to one connection (the listener's protocol object implements it)."""
 
     def write(self, data: bytes) -> None:
-        """Queue bytes for sending."""
+        """Queue bytes for sending; ignored once closing. WebSocket: one binary frame."""
 
-    async def drain(self) -> None:
-        """Send what was queued, waiting while the peer is slow."""
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        """Queue several chunks; ignored once closing. WebSocket: all of them in ONE binary frame."""
 
-    async def close(self) -> None:
-        """Close the connection; safe to call more than once."""
+    def pause_reading(self) -> None:
+        """Stop calling :meth:`Sink.data_received` until :meth:`resume_reading`."""
+
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading`."""
+
+    def close(self) -> None:
+        """Flush what is queued, then close (WebSocket: close frame 1000, then the TCP close).
+
+        A peer that does not read is dropped after :data:`CLOSE_TIMEOUT`. Safe to call twice.
+        """
 
     def abort(self) -> None:
-        """Drop the connection at once, without flushing."""
+        """Drop the connection at once; what is queued is lost."""
 
     def ssl_object(self) -> ssl.SSLObject | None:
         """The TLS session, when the listener terminated TLS itself."""
 
+    @property
+    def is_closing(self) -> bool:
+        """Whether :meth:`close` or :meth:`abort` was called, or the connection is gone."""
 
-#: What a listener calls for each accepted connection; returns when the connection is over.
-ConnectionHandler = Callable[["Connection", "ClientAddress", "ListenerSettings"], Awaitable[None]]
+
+class Sink(Protocol):
+    """What the listener tells the engine about one connection."""
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes of the MQTT stream (after the PROXY header, without WebSocket framing)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone; called exactly once, also after :meth:`Link.close` / ``abort``."""
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is above its high-water mark: stop writing."""
+
+    def resume_writing(self) -> None:
+        """The write buffer drained below its low-water mark: writing may go on."""
+
+
+#: Called once per connection, as soon as the client's address is known (after the PROXY header /
+#: WebSocket upgrade), synchronously. An exception aborts that connection and is logged.
+SinkFactory = Callable[[Link, "ClientAddress", "ListenerOptions"], Sink]
 
 
 class Verdict(Protocol):
@@ -82,7 +103,12 @@ RefusalHook = Callable[[str, "ClientAddress", str], None]
 
 @dataclass
 class ListenerStats:
-    """Live counters of one listener, read by the admin API and metrics."""
+    """Live counters of one listener, read by the admin API and metrics.
+
+    ``current`` counts connections from accept to their end, including those still in their PROXY
+    header, TLS handshake or WebSocket upgrade (they hold a socket too, and ``max_connections``
+    bounds them).
+    """
 
     current: int = 0
     accepted: int = 0
@@ -98,137 +124,11 @@ def refuse(
     reason: str,
     message: str,
 ) -> None:
-    """Count, log once (socket peer, reason, and the real client when known) and report a refusal."""
+    """Count, log once (socket peer, reason, and the real client when known) and report a refusal.
+
+    The caller closes the connection or answers it. Raises what ``hook`` raises.
+    """
     stats.refused[reason] += 1
     logger.warning("%s refused %s: %s [%s]", listener_id, address.describe(), message, reason)
     if hook is not None:
         hook(listener_id, address, reason)
-
-
-class StreamConnection:
-    """A TCP connection (plain or TLS) over asyncio streams.
-
-    ``pending`` holds bytes already read from the socket that belong to the client's MQTT stream
-    (those that came in the same read as a PROXY header); they are served before the socket's.
-    """
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: bytes = b""
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._pending = pending
-        self._closed = False
-        # With nothing pending, read straight from the stream: no extra frame on the hot path.
-        self.read: Callable[[int], Awaitable[bytes]] = self._read_pending if pending else reader.readexactly
-
-    async def _read_pending(self, n: int) -> bytes:
-        head, self._pending = self._pending[:n], self._pending[n:]
-        if not self._pending:
-            self.read = self._reader.readexactly
-        if len(head) == n:
-            return head
-        try:
-            return head + await self._reader.readexactly(n - len(head))
-        except asyncio.IncompleteReadError as exc:
-            raise asyncio.IncompleteReadError(head + exc.partial, n) from None
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes for sending; ignored once closed."""
-        if not self._closed:
-            self._writer.write(data)
-
-    async def drain(self) -> None:
-        """Wait until the transport's buffer is below its high-water mark."""
-        if not self._closed:
-            await self._writer.drain()
-
-    async def close(self) -> None:
-        """Flush, then close the socket. Never raises for a peer that already went away."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError, RuntimeError):
-            if not self._writer.transport.is_closing() and self._writer.can_write_eof():
-                self._writer.write_eof()
-        self._writer.close()
-        try:
-            # A peer that stopped reading never lets the buffer drain: bounded, then dropped.
-            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
-        except TimeoutError:
-            self._writer.transport.abort()
-        except (OSError, asyncio.CancelledError):
-            pass
-
-    def abort(self) -> None:
-        """Drop the connection at once, without flushing (shutdown, refusal)."""
-        self._closed = True
-        self._writer.transport.abort()
-
-    def ssl_object(self) -> ssl.SSLObject | None:
-        """The TLS session, if the listener terminated TLS."""
-        obj = self._writer.get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject) else None
-
-
-class WebSocketConnection:
-    """MQTT over a WebSocket: binary messages in, one message per drained batch out."""
-
-    def __init__(self, websocket: ServerConnection) -> None:
-        self._ws = websocket
-        self._in = bytearray()
-        self._out: list[bytes] = []
-        self._closed = False
-
-    async def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes of the MQTT stream, across WebSocket message boundaries.
-
-        Raises:
-            asyncio.IncompleteReadError: the WebSocket closed first.
-        """
-        while len(self._in) < n:
-            try:
-                message = await self._ws.recv()
-            except ConnectionClosed:
-                partial = bytes(self._in)
-                self._in.clear()
-                raise asyncio.IncompleteReadError(partial, n) from None
-            # [MQTT-6.0.0-1] MQTT travels in binary frames; a text frame is a protocol error.
-            if isinstance(message, str):
-                await self._ws.close(1003, "MQTT needs binary frames")
-                raise asyncio.IncompleteReadError(bytes(self._in), n)
-            self._in += message
-        data = bytes(self._in[:n])
-        del self._in[:n]
-        return data
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes; they go out as one binary message at the next :meth:`drain`."""
-        if not self._closed:
-            self._out.append(data)
-
-    async def drain(self) -> None:
-        """Send everything queued as one binary WebSocket message."""
-        if self._out and not self._closed:
-            data = b"".join(self._out)
-            self._out.clear()
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.send(data)
-
-    async def close(self) -> None:
-        """Send what is queued, then close the WebSocket normally."""
-        if self._closed:
-            return
-        await self.drain()
-        self._closed = True
-        await self._ws.close()
-
-    def abort(self) -> None:
-        """Drop the connection at once (shutdown)."""
-        self._closed = True
-        self._ws.transport.abort()
-
-    def ssl_object(self) -> ssl.SSLObject | None:
-        """The TLS session, if the listener terminated TLS."""
-        obj = self._ws.transport.get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject) else None

@@ -2,7 +2,7 @@
 
 Pure code, no I/O: :func:`resolve` takes the socket peer, the request's raw header list and the
 listener's :class:`HeaderRules`, and returns a :class:`Resolution` or raises
-:class:`~broker.errors.ForwardedHeaderError`. The WebSocket listener answers such an error with
+:class:`~listeners.errors.ForwardedHeaderError`. The WebSocket listener answers such an error with
 HTTP 400 and logs it; it never falls back to the proxy's address.
 
 Which syntax is parsed is chosen by the name of the configured address header:
@@ -61,7 +61,7 @@ Port:
    Only the port picked is interpreted; a malformed one is refused (``bad_port``).
 4. Otherwise 0. When the header was not used (``SOCKET``), the peer's own port.
 
-Reason codes of :class:`~broker.errors.ForwardedHeaderError` (metrics label):
+Reason codes of :class:`~listeners.errors.ForwardedHeaderError` (metrics label):
 
 ``header_too_long``      the joined header is longer than :data:`MAX_HEADER_BYTES`
 ``too_many_hops``        the list has more than :data:`MAX_HOPS` entries
@@ -84,8 +84,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from broker.errors import ForwardedHeaderError
 from listeners.address import AddressSource, Networks, normalize_ip
+from listeners.errors import ForwardedHeaderError
 
 __all__ = [
     "MAX_HEADER_BYTES",

@@ -2,8 +2,8 @@
 
 :class:`ProxyGate` is fed the first bytes of a connection and decides: a PROXY header to honour, no
 header (the bytes are the client's own stream), or a refusal with a reason. The TCP listener feeds it
-from a socket under ``proxy_protocol_timeout``; the WebSocket listener feeds it from
-``data_received`` before the HTTP request reaches the protocol.
+from ``data_received`` under ``proxy_protocol_timeout`` (TLS listeners: from the socket, before the
+handshake); the WebSocket listener does the same before the HTTP request reaches the protocol.
 
 Refusal reasons (metrics label, besides the parser's own ``v1_*`` / ``v2_*`` / ``not_proxy_protocol``):
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from broker.errors import ProxyProtocolError
-from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
 from listeners.address import AddressSource, ClientAddress, Networks, normalize_ip
+from listeners.errors import ProxyProtocolError
+from listeners.options import UNLIMITED, ListenerOptions, ProxyProtocolMode
 from listeners.proxy_protocol import (
     DEFAULT_MAX_V2_LENGTH,
     NEED_DATA,
@@ -52,7 +52,7 @@ def peer_refusal(mode: ProxyProtocolMode, trusted: Networks, peer_ip: str) -> Pr
     return None
 
 
-def refusal_at_accept(settings: ListenerSettings, current: int, peer_ip: str) -> tuple[str, str] | None:
+def refusal_at_accept(settings: ListenerOptions, current: int, peer_ip: str) -> tuple[str, str] | None:
     """``(reason, message)`` when a just-accepted connection must be dropped before a byte is read:
     ``max_connections`` reached (``current`` connections open besides it) or an untrusted peer
     (:func:`peer_refusal`); ``None`` admits it. Never raises.

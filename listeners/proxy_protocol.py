@@ -9,7 +9,7 @@ spec exactly is refused, because the spec says so (2.1: "Any sequence which does
 match the protocol must be discarded") and because a lenient parser of an address that is used for
 access control is an attack surface.
 
-Every error is a :class:`~broker.errors.ProxyProtocolError` whose ``reason`` is one of
+Every error is a :class:`~listeners.errors.ProxyProtocolError` whose ``reason`` is one of
 :data:`REASONS`. Errors are reported in stream order: the parser fails at the first byte from which
 the header can no longer be valid, so the same input fails with the same reason however it is split
 into reads.
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, TypeAlias
 
-from broker.errors import ProxyProtocolError
+from listeners.errors import ProxyProtocolError
 
 # --------------------------------------------------------------------------------------------------
 # Constants

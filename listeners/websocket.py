@@ -1,16 +1,23 @@
 """WebSocket listeners (``ws``, ``wss``): MQTT over WebSocket on ``websocket.mqtt_path``.
 
+Push-based like the TCP listeners: :class:`WebSocketProtocol` is a
+:class:`~listeners.stream.ClientProtocol` with websockets' sans-I/O
+:class:`~websockets.server.ServerProtocol` between the transport and the engine's sink, so no task
+runs per connection (websockets' asyncio server runs one per connection).
+
 The client's address is learned in two layers (DESIGN.md "Trust rules"):
 
-1. ``proxy_protocol``: a PROXY header before the HTTP request, consumed in ``data_received`` before
-   websockets' HTTP parser sees a byte (:class:`_AddressingConnection`); it gives the socket-level
-   peer, as on TCP listeners.
-   On ``wss`` listeners the header comes before the TLS handshake, so an
-   :class:`~listeners.acceptor.Acceptor` takes it from the socket first, and websockets' own
-   connection objects are then made here (``_make_connection``, after websockets' ``serve``).
+1. ``proxy_protocol``: a PROXY header before the HTTP request, read as on TCP listeners (from
+   ``data_received``; on ``wss`` from the socket, before the TLS handshake); it gives the
+   socket-level peer.
 2. ``websocket.proxy_address_header`` / ``proxy_port_header``: the upgrade request's headers,
-   resolved by :mod:`listeners.forwarded` against ``trusted_proxies`` in ``process_request``; a
-   malformed header from a trusted peer is answered 400 and never falls back to the proxy.
+   resolved by :mod:`listeners.forwarded` against ``trusted_proxies``; a malformed header from a
+   trusted peer is answered 400 and never falls back to the proxy.
+
+After the upgrade every binary frame's payload, continuation frames included, goes to the sink: MQTT
+is a byte stream, so how the client fragments it does not matter. A text frame is a protocol error
+[MQTT-6.0.0-1] (close 1003); a message larger than ``max_packet_size`` is refused by websockets
+(close 1009) before it is buffered; pings are answered by the protocol.
 """
 
 from __future__ import annotations
@@ -21,233 +28,290 @@ import http
 import logging
 import socket
 import ssl
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from broker.errors import ForwardedHeaderError, ProxyProtocolError
-from broker.settings import UNLIMITED, ListenerSettings, ProxyProtocolMode
-from listeners.acceptor import Acceptor, admit_before_tls
-from listeners.address import AddressSource, ClientAddress, format_hostport, normalize_ip
-from listeners.connection import (
-    AddressCheck,
-    ConnectionHandler,
-    ListenerStats,
-    RefusalHook,
-    WebSocketConnection,
-    refuse,
-)
+from listeners.acceptor import Acceptor, accept_tls, load_tls_context
+from listeners.address import AddressSource, ClientAddress, normalize_ip
+from listeners.connection import AddressCheck, ListenerStats, RefusalHook, SinkFactory
+from listeners.errors import ForwardedHeaderError
 from listeners.forwarded import HeaderRules, resolve
-from listeners.gate import ProxyGate, client_address, peer_refusal
-from listeners.proxy_protocol import NEED_DATA, ProxyHeader
-from listeners.tls import context_from, handshake_failure, local_tls_info
+from listeners.gate import peer_refusal
+from listeners.options import UNLIMITED, ListenerOptions
+from listeners.proxy_protocol import ProxyHeader
+from listeners.stream import ClientProtocol, ListenerContext
 
 logger = logging.getLogger(__name__)
 
 #: [MQTT-6.0.0-3] clients offer "mqtt"; a client offering none (or another) gets HTTP 400.
-SUBPROTOCOLS = [Subprotocol("mqtt")]
+SUBPROTOCOLS: Final = [Subprotocol("mqtt")]
 
-#: Largest WebSocket message accepted. One MQTT packet per message is usual; 16 MiB bounds the
-#: memory one client can make us buffer (websockets' default of 1 MiB is too small for MQTT).
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Seconds from accept (on wss: from the end of the TLS handshake) to a completed HTTP upgrade: bounds
+#: slow-loris handshakes, which hold a socket and a slot of max_connections.
+OPEN_TIMEOUT: Final = 10.0
 
-#: Seconds for the HTTP upgrade to complete (bounds slow-loris handshakes).
-OPEN_TIMEOUT = 10.0
-
-
-class _HandshakeLogFilter(logging.Filter):
-    """websockets logs every failed opening handshake (a TCP health check, a port scan, a refused
-    PROXY header) at ERROR with a traceback; that is routine for a listener behind a load balancer.
-    Such records become one DEBUG line; our own refusals are logged by us, with their reason."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage() == "opening handshake failed" and record.exc_info:
-            exc = record.exc_info[1]
-            record.msg = "opening handshake failed: %s"
-            record.args = (f"{type(exc).__name__}: {exc}",)
-            record.exc_info = None
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
+#: Default largest WebSocket message: the broker passes ``mqtt.max_packet_size`` (one MQTT packet per
+#: message is what clients send), so the limit is the same on every transport.
+DEFAULT_MAX_PACKET_SIZE: Final = 1024 * 1024
 
 
-_protocol_logger = logging.getLogger(f"{__name__}.protocol")
-_protocol_logger.addFilter(_HandshakeLogFilter())
+class _QuietLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets' protocol logs every opened and every rejected connection at INFO; behind a load
+    balancer (health checks, scanners) that is routine, and our own refusals are logged by us with
+    their reason. Its INFO lines become DEBUG; warnings and errors (its own bugs) stay."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
 
 
-class _AddressingConnection(ServerConnection):
-    """A websockets connection that counts itself and reads a PROXY header before the HTTP request.
+_protocol_logger = _QuietLogger(logging.getLogger(f"{__name__}.protocol"))
 
-    A subclass per listener sets :attr:`listener` (websockets takes a connection *class*).
-    """
+#: An HTTP answer refusing an upgrade: (status, body).
+Refusal = tuple[http.HTTPStatus, str]
 
-    listener: ClassVar[WebSocketListener]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.socket_peer: tuple[str, int] = ("", 0)
-        self.proxy_header: ProxyHeader | None = None
-        self.client: ClientAddress | None = None
-        self._gate: ProxyGate | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._counted = False
-        #: Set when the listener's acceptor already read the PROXY header (TLS listeners).
-        self.header_read = False
-
-    @property
-    def peer(self) -> str:
-        """``ip:port`` of the socket peer."""
-        return format_hostport(*self.socket_peer)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        listener = self.listener
-        peername = transport.get_extra_info("peername")
-        self.socket_peer = (str(peername[0]), int(peername[1]))
-        listener.stats.current += 1
-        listener.stats.accepted += 1
-        self._counted = True
-        settings = listener.settings
-        if settings.proxy_protocol is ProxyProtocolMode.OFF or self.header_read:
-            return
-        refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, self.socket_peer[0])
-        if refusal is not None:
-            self._refuse(refusal.reason, str(refusal))
-            return
-        self._gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, self.socket_peer[0])
-        self._timer = self.loop.call_later(settings.proxy_protocol_timeout, self._header_timeout)
-
-    def _refuse(self, reason: str, message: str) -> None:
-        self.listener.refuse(ClientAddress.direct(*self.socket_peer), reason, message)
-        self._gate = None
-        self.transport.abort()
-
-    def _header_timeout(self) -> None:
-        if self._gate is not None:
-            timeout = self.listener.settings.proxy_protocol_timeout
-            self._refuse("proxy_timeout", f"no complete PROXY header within {timeout:g}s")
-
-    def data_received(self, data: bytes) -> None:
-        gate = self._gate
-        if gate is None:
-            if not self.transport.is_closing():
-                super().data_received(data)
-            return
-        try:
-            result = gate.feed(data)
-        except ProxyProtocolError as exc:
-            self._refuse(exc.reason, str(exc))
-            return
-        if result is NEED_DATA:
-            return
-        self.proxy_header, rest = result
-        self._gate = None
-        if self._timer is not None:
-            self._timer.cancel()
-        if rest:
-            super().data_received(rest)
-
-    def eof_received(self) -> None:
-        if self._gate is not None:  # closed before the PROXY header was complete
-            self._gate = None
-            self.transport.abort()
-            return
-        super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._counted:
-            self.listener.stats.current -= 1
-            self._counted = False
-        super().connection_lost(exc)
+#: The listener's decision on an upgrade request: (address so far, request, socket peer) -> the
+#: client to admit, or the refusal to answer.
+Decide = Callable[[ClientAddress, Request, tuple[str, int]], "ClientAddress | Refusal"]
 
 
-class _TlsServer(Server):
-    """websockets' Server for connections our acceptor hands over (no asyncio server of its own)."""
-
-    serving = True
-
-    def is_serving(self) -> bool:
-        return self.serving
-
-
-class WebSocketListener:
-    """One ``listeners.ws.<name>``."""
+class WebSocketProtocol(ClientProtocol):
+    """One connection of a ``ws``/``wss`` listener: PROXY header, HTTP upgrade, then WebSocket
+    frames in and out; the engine's Link (each write is one binary frame)."""
 
     def __init__(
         self,
-        settings: ListenerSettings,
-        handler: ConnectionHandler,
+        context: ListenerContext,
+        decide: Decide,
+        max_size: int,
+        *,
+        counted: bool = False,
+        header: ProxyHeader | None = None,
+    ) -> None:
+        super().__init__(context, counted=counted, header=header)
+        self._decide = decide
+        self._max_size = max_size
+        self._ws: ServerProtocol | None = None
+        self._address: ClientAddress | None = None
+        self._open_timer: asyncio.TimerHandle | None = None
+        self._failed = False  # we closed with 1003: the frames after it are not the client's stream
+
+    # asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._transport.is_closing():
+            self._open_timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self._open_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ws is not None:
+            self._receive(data)
+        elif self._gate is not None:
+            self._feed_gate(data)
+
+    def eof_received(self) -> bool | None:
+        ws = self._ws
+        if ws is None:
+            return super().eof_received()
+        ws.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        super().connection_lost(exc)
+
+    # Link ----------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as one binary frame; ignored once closing."""
+        ws = self._ws
+        if ws is not None and ws.state is OPEN and not self._transport.is_closing():
+            ws.send_binary(data)
+            self._flush()
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        """Send the chunks as ONE binary frame; ignored once closing."""
+        self.write(b"".join(chunks))
+
+    def close(self) -> None:
+        """Start the closing handshake (close frame 1000); the TCP connection closes when the
+        client answers, or is dropped after CLOSE_TIMEOUT."""
+        ws = self._ws
+        if ws is None:
+            super().close()
+        elif ws.state is OPEN and not self._transport.is_closing():
+            self._closing = True  # what the client sends from now on is not for the sink
+            ws.send_close(CloseCode.NORMAL_CLOSURE)
+            self._flush()
+            self._arm_close_timer()
+
+    @property
+    def is_closing(self) -> bool:
+        """Whether the closing handshake started or the connection is gone."""
+        ws = self._ws
+        return self._closing or ws is None or ws.state is not OPEN or self._transport.is_closing()
+
+    # Steps ---------------------------------------------------------------------------------------
+
+    def _refusal_at_accept(self, current: int, peer_ip: str) -> tuple[str, str] | None:
+        # max_connections is answered with HTTP 503 at the upgrade, so that a client learns why;
+        # an untrusted peer is dropped before a byte is read, as on TCP listeners.
+        settings = self._context.settings
+        refusal = peer_refusal(settings.proxy_protocol, settings.trusted_proxies, peer_ip)
+        return None if refusal is None else (refusal.reason, str(refusal))
+
+    def _address_known(self, address: ClientAddress, rest: bytes) -> None:
+        # The PROXY stage is over: from here on the bytes are HTTP, then WebSocket frames.
+        self._address = address
+        self._ws = ServerProtocol(subprotocols=SUBPROTOCOLS, max_size=self._max_size, logger=_protocol_logger)
+        if rest:
+            self._receive(rest)
+
+    def _receive(self, data: bytes) -> None:
+        ws = self._ws
+        assert ws is not None
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if isinstance(event, Request):
+                self._on_request(ws, event)
+            elif isinstance(event, Frame) and not self._on_frame(ws, event):
+                break
+        self._flush()
+
+    def _on_request(self, ws: ServerProtocol, request: Request) -> None:
+        assert self._address is not None
+        decision = self._decide(self._address, request, self._peer)
+        if not isinstance(decision, ClientAddress):
+            ws.send_response(ws.reject(*decision))
+            return  # the protocol sends EOF after the answer (see _flush)
+        # websockets' own checks come after ours: an invalid upgrade, or one without the "mqtt"
+        # subprotocol [MQTT-6.0.0-3], is answered 400 (426 for a bad Upgrade header).
+        ws.send_response(ws.accept(request))
+        if ws.state is not OPEN:
+            return
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        context = self._context
+        logger.debug("%s: %s upgraded; %d live", context.id, decision.describe(), context.stats.current)
+        self._hand_over(decision)
+
+    def _on_frame(self, ws: ServerProtocol, frame: Frame) -> bool:
+        """Pass a data frame's payload to the sink; False once the rest must be ignored."""
+        sink = self._sink
+        if sink is None or self._failed or self._closing:
+            return False
+        opcode = frame.opcode
+        if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+            if frame.data:
+                sink.data_received(bytes(frame.data))
+        elif opcode is Opcode.TEXT:
+            # [MQTT-6.0.0-1] MQTT travels in binary frames; a text frame is a protocol error.
+            logger.debug("%s: %s sent a text frame; closing (1003)", self._context.id, self.peer)
+            self._failed = True
+            ws.fail(CloseCode.UNSUPPORTED_DATA, "MQTT needs binary frames")
+            return False
+        # Ping (answered by the protocol), pong and close (answered, then EOF): nothing for the sink.
+        return True
+
+    def _flush(self) -> None:
+        """Write what the protocol has to send; its empty chunk means: done, close our side."""
+        ws = self._ws
+        assert ws is not None
+        transport = self._transport
+        if transport.is_closing():  # aborted (refused, timed out): nothing more goes out
+            ws.data_to_send()
+            return
+        for data in ws.data_to_send():
+            if data:
+                transport.write(data)
+                continue
+            if self._sink is None and ws.handshake_exc is not None:
+                # No request, a malformed one, or one websockets refused (no "mqtt" subprotocol,
+                # not an upgrade): routine for health checks and scanners, hence DEBUG.
+                logger.debug(
+                    "%s: %s: opening handshake failed: %s", self._context.id, self.peer, ws.handshake_exc
+                )
+            # Half-close and let the client close (its FIN ends the connection), as websockets'
+            # servers do; TLS cannot half-close, so close it (flushing first).
+            if transport.can_write_eof():
+                try:
+                    transport.write_eof()
+                except (OSError, RuntimeError):
+                    transport.close()
+            else:
+                transport.close()
+        if ws.close_expected():
+            self._arm_close_timer()
+
+    def _open_timeout(self) -> None:
+        self._open_timer = None
+        ws = self._ws
+        if ws is None or ws.state is CONNECTING:
+            logger.debug("%s: %s: no WebSocket upgrade within %gs", self._context.id, self.peer, OPEN_TIMEOUT)
+            self._transport.abort()
+
+
+class WebSocketListener:
+    """One ``listeners.ws.<name>`` or ``listeners.wss.<name>``."""
+
+    def __init__(
+        self,
+        settings: ListenerOptions,
+        factory: SinkFactory,
         *,
         on_refused: RefusalHook | None = None,
         admit: AddressCheck | None = None,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ) -> None:
         assert settings.websocket is not None, "ws listeners always have websocket options"
         self.settings = settings
-        self.stats = ListenerStats()
-        self._handler = handler
-        self._on_refused = on_refused
+        self._context = ListenerContext(settings, factory, on_refused)
         self._admit = admit
+        self._max_size = max_packet_size
         self._path = settings.websocket.mqtt_path
         self._rules = HeaderRules(
             address_header=settings.websocket.proxy_address_header,
             port_header=settings.websocket.proxy_port_header,
             trusted_proxies=settings.trusted_proxies,
         )
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
         self._acceptor: Acceptor | None = None
-        self._context: ssl.SSLContext | None = None
-        self._pending = 0  # wss sockets accepted, not yet handed to websockets
-        self._connections: set[WebSocketConnection] = set()
-        self._connection_class = type(
-            "AddressingConnection", (_AddressingConnection,), {"listener": self, "__module__": __name__}
-        )
+        self._tls: ssl.SSLContext | None = None
 
     @property
     def id(self) -> str:
-        """``ws:<name>``."""
+        """``ws:<name>`` or ``wss:<name>``."""
         return self.settings.id
+
+    @property
+    def stats(self) -> ListenerStats:
+        """Live connections, accepted and refused ones by reason."""
+        return self._context.stats
 
     async def start(self) -> None:
         """Bind and start accepting.
 
         Raises:
-            OSError: the address cannot be bound, or (wss) a certificate file cannot be read.
+            OSError: the address cannot be bound; or (wss), with errno 0 and the problem as its
+                message, a certificate or key cannot be used.
         """
         bind = self.settings.bind
         if self.settings.ssl_options is not None:
-            try:
-                self._context = context_from(self.settings.ssl_options)
-            except ValueError as exc:
-                raise OSError(0, str(exc)) from None
-            self._server = _TlsServer(
-                self._on_websocket,
-                process_request=self._process_request,
-                open_timeout=OPEN_TIMEOUT,
-                logger=_protocol_logger,
-            )
+            self._tls = load_tls_context(self.settings)
             self._acceptor = Acceptor(bind, self._on_tls_socket)
             self._acceptor.start()
             return
-        self._server = await serve(
-            self._on_websocket,
-            host=bind.host or None,
-            port=bind.port,
-            subprotocols=SUBPROTOCOLS,
-            process_request=self._process_request,
-            create_connection=self._connection_class,
-            # MQTT has its own keepalive; permessage-deflate costs CPU for small binary packets.
-            compression=None,
-            ping_interval=None,
-            max_size=MAX_MESSAGE_SIZE,
-            open_timeout=OPEN_TIMEOUT,
-            reuse_address=True,
-            logger=_protocol_logger,
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, bind.host or None, bind.port, reuse_address=True
         )
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -262,101 +326,53 @@ class WebSocketListener:
         """Close the listening sockets; live connections go on."""
         if self._acceptor is not None:
             self._acceptor.stop()
-            if isinstance(self._server, _TlsServer):
-                self._server.serving = False
         elif self._server is not None:
-            self._server.close(close_connections=False)
-
-    def _make_connection(self) -> _AddressingConnection:
-        """A websockets connection for a socket we accepted (as the factory in websockets' ``serve``)."""
-        assert self._server is not None
-        protocol = ServerProtocol(
-            subprotocols=SUBPROTOCOLS, max_size=MAX_MESSAGE_SIZE, logger=_protocol_logger
-        )
-        connection = self._connection_class(protocol, self._server, ping_interval=None)
-        assert isinstance(connection, _AddressingConnection)
-        return connection
-
-    async def _on_tls_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        """A ``wss`` connection: limits, the PROXY header taken exactly, TLS, then websockets."""
-        assert self._context is not None and self.settings.ssl_options is not None
-        # Until the handshake completes (connection_made) the socket is counted here, so that
-        # max_connections bounds handshakes in progress too.
-        self._pending += 1
-        try:
-            await self._tls_handover(sock, peer)
-        except BaseException:
-            sock.close()  # cancelled at shutdown: never leak the socket
-            raise
-        finally:
-            self._pending -= 1
-
-    async def _tls_handover(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        assert self._context is not None and self.settings.ssl_options is not None
-        current = self.stats.current + self._pending - 1
-        admitted, header = await admit_before_tls(sock, peer, self.settings, current, self.refuse)
-        if not admitted:
-            return
-
-        def factory() -> _AddressingConnection:
-            connection = self._make_connection()
-            connection.header_read = True
-            connection.proxy_header = header
-            return connection
-
-        timeout = self.settings.ssl_options.handshake_timeout
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                factory, sock, ssl=self._context, ssl_handshake_timeout=timeout
-            )
-        except OSError as exc:  # ssl.SSLError, ConnectionAbortedError (timeout)...
-            self.refuse(client_address(header, *peer), *handshake_failure(exc, timeout))
-            sock.close()
+            self._server.close()
 
     def abort_connections(self) -> None:
         """Drop every live connection at once (last step of shutdown)."""
-        for connection in list(self._connections):
-            connection.abort()
+        if self._acceptor is not None:
+            self._acceptor.cancel_pending()
+        self._context.abort_all()
 
-    def refuse(self, address: ClientAddress, reason: str, message: str) -> None:
-        """Count, log and report one refused connection (the caller closes or answers it)."""
-        refuse(self.id, self.stats, self._on_refused, address, reason=reason, message=message)
+    def _protocol(self, header: ProxyHeader | None = None, *, counted: bool = False) -> WebSocketProtocol:
+        return WebSocketProtocol(self._context, self._decide, self._max_size, counted=counted, header=header)
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Decide before the upgrade: 404 other paths, 503 when full, 400 malformed address
-        headers, 403 addresses refused by access rules or bans."""
-        assert isinstance(connection, _AddressingConnection)
-        base = client_address(connection.proxy_header, *connection.socket_peer)
-        local = local_tls_info(connection.transport.get_extra_info("ssl_object"))
-        if local is not None:
-            base = dataclasses.replace(base, tls=local)
+    def _tls_protocol(self, header: ProxyHeader | None) -> WebSocketProtocol:
+        return self._protocol(header, counted=True)
+
+    async def _on_tls_socket(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        assert self._tls is not None
+        await accept_tls(self._context, self._tls, sock, peer, self._tls_protocol)
+
+    def _decide(
+        self, base: ClientAddress, request: Request, socket_peer: tuple[str, int]
+    ) -> ClientAddress | Refusal:
+        """Decide on an upgrade request before websockets checks it: 404 other paths, 503 when
+        full, 400 malformed address headers, 403 addresses refused by access rules or bans; else
+        the client to admit. Never raises for the client's doing."""
+        context = self._context
         if urlsplit(request.path).path != self._path:
             # Not counted as a refusal for the audit log: a browser or scanner asking for a page.
-            self.stats.refused["not_found"] += 1
+            context.stats.refused["not_found"] += 1
             logger.info(
                 "%s: %s asked for %r, not %r [not_found]", self.id, base.describe(), request.path, self._path
             )
-            return _respond(
-                connection, http.HTTPStatus.NOT_FOUND, f"Not Found: MQTT is served on {self._path}\n"
-            )
+            return http.HTTPStatus.NOT_FOUND, f"Not Found: MQTT is served on {self._path}\n"
         limit = self.settings.max_connections
-        if limit != UNLIMITED and self.stats.current > limit:  # this connection counts itself
-            self.refuse(base, "max_connections", f"max_connections ({limit}) reached")
-            return _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
+        if limit != UNLIMITED and context.stats.current > limit:  # this connection counts itself
+            context.refuse(base, "max_connections", f"max_connections ({limit}) reached")
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n"
         try:
-            client = self._resolve(base, request, connection.socket_peer)
+            client = self._resolve(base, request, socket_peer)
         except ForwardedHeaderError as exc:
-            self.refuse(base, exc.reason, str(exc))
-            header = self._rules.address_header
-            return _respond(
-                connection, http.HTTPStatus.BAD_REQUEST, f"Bad Request: invalid {header} header\n"
-            )
+            context.refuse(base, exc.reason, str(exc))
+            return http.HTTPStatus.BAD_REQUEST, f"Bad Request: invalid {self._rules.address_header} header\n"
         verdict = None if self._admit is None else self._admit(self.id, client.ip)
         if verdict is not None:
-            self.refuse(client, verdict.reason, verdict.message)
-            return _respond(connection, http.HTTPStatus.FORBIDDEN, "Forbidden\n")
-        connection.client = client
-        return None
+            context.refuse(client, verdict.reason, verdict.message)
+            return http.HTTPStatus.FORBIDDEN, "Forbidden\n"
+        return client
 
     def _resolve(self, base: ClientAddress, request: Request, socket_peer: tuple[str, int]) -> ClientAddress:
         """Refine ``base`` (socket or PROXY address) with the request's address headers.
@@ -375,33 +391,12 @@ class WebSocketListener:
             "chain": list(resolution.chain),
             "hop": resolution.hop,
         }
-        return ClientAddress(
+        return dataclasses.replace(
+            base,
             ip=resolution.ip,
             port=resolution.port,
             source=resolution.source,
             proxy_ip=normalize_ip(socket_peer[0]),
             proxy_port=socket_peer[1],
             details=details,
-            tls=base.tls,
         )
-
-    async def _on_websocket(self, websocket: ServerConnection) -> None:
-        assert isinstance(websocket, _AddressingConnection)
-        address = websocket.client or ClientAddress.direct(*websocket.socket_peer)
-        connection = WebSocketConnection(websocket)
-        self._connections.add(connection)
-        logger.debug("%s: %s upgraded; %d live", self.id, address.describe(), self.stats.current)
-        try:
-            await self._handler(connection, address, self.settings)
-        except Exception:
-            logger.exception("%s: connection from %s failed", self.id, websocket.peer)
-        finally:
-            self._connections.discard(connection)
-            await connection.close()  # returns once the TCP connection is lost
-            logger.debug("%s: %s closed; %d live", self.id, websocket.peer, self.stats.current)
-
-
-def _respond(connection: ServerConnection, status: http.HTTPStatus, text: str) -> Response:
-    response = connection.respond(status, text)
-    response.headers["Connection"] = "close"
-    return response

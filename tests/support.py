@@ -388,3 +388,26 @@ def example_broker_config(relative: str, replacements: dict[str, str], **section
         for name, options in named.items():
             config["listeners"].setdefault(kind, {})[name] = {"enable": True, **options}
     return {**config, **document, **sections}
+
+
+def admin_get(broker: BrokerProcess, path: str) -> tuple[int, bytes, str]:
+    """GET ``path`` from the broker's admin socket: (status, body, content type)."""
+    from broker.ctl import UnixHTTPConnection
+
+    connection = UnixHTTPConnection(str(broker.workdir / "data" / "admin.sock"), WAIT)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read(), response.getheader("Content-Type", "")
+
+
+def metric_samples(broker: BrokerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics``, keyed by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body, _ = admin_get(broker, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }

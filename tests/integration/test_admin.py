@@ -15,18 +15,23 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.ctl import UnixHTTPConnection
-from tests.support import REPO, WAIT, BrokerProcess, Clients, broker_config, client_info, ctl, listener_config
+from tests.support import (
+    REPO,
+    WAIT,
+    BrokerProcess,
+    Clients,
+    admin_get,
+    broker_config,
+    client_info,
+    ctl,
+    listener_config,
+)
 
 BrokerFactory = Callable[..., BrokerProcess]
 TOKEN = "s3cret-token-0123456789"
 
 
-def get(broker: BrokerProcess, path: str) -> tuple[int, bytes, str]:
-    connection = UnixHTTPConnection(str(broker.workdir / "data" / "admin.sock"), WAIT)
-    connection.request("GET", path)
-    response = connection.getresponse()
-    return response.status, response.read(), response.getheader("Content-Type", "")
+get = admin_get
 
 
 @pytest.fixture

@@ -76,5 +76,5 @@ def test_a_malformed_connect_is_refused_and_others_keep_working(
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         sock.sendall(b"\x10\x0c\x00\x04MQTX\x04\x02\x00\x3c\x00\x00")  # protocol name "MQTX"
         assert sock.recv(16) in (b"", b"\x20\x02\x00\x01")
-    broker.wait_for_log(r"refused: invalid CONNECT")
+    broker.wait_for_log(r"CONNECT protocol name 'MQTX' is not 'MQTT' \[MQTT-3.1.2-1\]; closing")
     clients.new("fine").connect("127.0.0.1", port)

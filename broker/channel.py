@@ -1,0 +1,382 @@
+"""One client connection inside the engine: the listener's sink, the MQTT protocol, the session.
+
+EMQX's split is the model: the listener owns the socket (``emqx_connection``), a :class:`Channel`
+owns the protocol semantics of one connection (``emqx_channel``), and the
+:class:`~broker.core.session.Session` it is attached to owns the delivery state
+(``emqx_session``). A channel is push-driven: the listener calls :meth:`Channel.data_received`
+with whatever bytes arrived, every complete packet is handled inline, and what is to be sent is
+written once per event-loop iteration by the engine's flush (one ``writelines`` per connection).
+No task runs per connection, per packet or per delivery; timers are ``call_at`` handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from broker.core.session import Delivery, Message
+from broker.mqtt import packets as mp
+from broker.mqtt.codec import encode_publish_parts
+from broker.mqtt.protocol import MqttServerProtocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from broker.authorization import ClientRules
+    from broker.engine import Engine, EngineSession
+    from listeners.address import ClientAddress
+    from listeners.connection import Link
+
+logger = logging.getLogger(__name__)
+
+#: The protocol levels served until MQTT 5 semantics land: 3.1.1 only. MQTT 3.1 and 5.0 CONNECTs
+#: are answered CONNACK 1 ("unacceptable protocol version") at once and closed.
+ACCEPTED_LEVELS = frozenset({4})
+
+#: Seconds between two log lines about the same client-caused condition (dropped messages,
+#: refused publishes): the first is logged at once, the rest are counted and summarised.
+LOG_INTERVAL = 10.0
+
+
+class ChannelState(Enum):
+    """Where a connection is in its life."""
+
+    AWAITING_CONNECT = "awaiting_connect"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class _Throttle:
+    """Logs a client-caused warning once, then at most every :data:`LOG_INTERVAL` with a count."""
+
+    __slots__ = ("_last", "_suppressed")
+
+    def __init__(self) -> None:
+        self._last = -LOG_INTERVAL
+        self._suppressed = 0
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < LOG_INTERVAL:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            message += " (%d more like it since the last report)"
+            args = (*args, self._suppressed)
+        self._last, self._suppressed = now, 0
+        logger.log(level, message, *args)
+
+
+class Channel:
+    """The engine's side of one connection (implements ``listeners.connection.Sink``)."""
+
+    def __init__(self, engine: Engine, link: Link, address: ClientAddress, listener_id: str) -> None:
+        self.engine = engine
+        self.link = link
+        self.address = address
+        self.listener_id = listener_id
+        self.protocol = MqttServerProtocol(engine.settings.max_packet_size, ACCEPTED_LEVELS)
+        self.state = ChannelState.AWAITING_CONNECT
+        self.session: EngineSession | None = None
+        self.rules: ClientRules | None = None
+        self.client_id = ""
+        self.username: str | None = None
+        self.clean_start = True
+        self.keepalive = 0
+        self.will: mp.Will | None = None
+        self.connected_at = 0.0
+        #: Why the connection ended, once known: client_disconnect, connection_lost, kicked,
+        #: takeover, shutdown, keepalive_timeout, protocol_error, refused.
+        self.end_reason: str | None = None
+        #: Whether the transport asked us to stop writing (its buffer is full).
+        self.paused = False
+        #: Queued for the engine's next flush.
+        self.dirty = False
+        self.last_received = engine.loop.time()
+        self._timer: asyncio.TimerHandle | None = engine.loop.call_at(
+            self.last_received + engine.settings.idle_timeout, self._connect_timeout
+        )
+        #: Retained messages still to send for new subscriptions: (matches, granted QoS).
+        self.retained: list[tuple[Any, int]] = []
+        self.throttle = _Throttle()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over (or being closed) for the engine."""
+        return self.state is ChannelState.CLOSED
+
+    def describe(self) -> str:
+        """``listener: client 'id' from <real address> via <proxy>`` for log lines."""
+        if self.state is ChannelState.AWAITING_CONNECT:
+            return f"{self.listener_id}: {self.address.describe()}"
+        return f"{self.listener_id}: client {self.client_id!r} from {self.address.describe()}"
+
+    # ------------------------------------------------------------------ sink
+
+    def data_received(self, data: bytes) -> None:
+        """Handle every complete packet in ``data`` (the listener's push)."""
+        if self.state is ChannelState.CLOSED:
+            return
+        self.last_received = self.engine.loop.time()
+        protocol = self.protocol
+        packets = protocol.receive_data(data)
+        handlers = _HANDLERS
+        for packet in packets:
+            handlers[type(packet)](self, packet)
+            if self.closed:
+                return
+        if protocol.close_requested:
+            error = protocol.error
+            if error is not None:
+                logger.warning("%s: %s; closing", self.describe(), error)
+            self.close("protocol_error")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The transport is gone (the peer closed, or we did)."""
+        if self.state is ChannelState.CLOSED:
+            self.engine.forget(self)
+            return
+        self.state = ChannelState.CLOSED
+        self._cancel_timer()
+        self.engine.forget(self)
+        if self.session is not None:
+            self.engine.detach(self, self.end_reason or "connection_lost")
+        elif self.end_reason is None:
+            logger.debug("%s closed before CONNECT", self.describe())
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: deliveries wait in the session's queue, and this
+        client's own reading stops (it is not reading what it asked for)."""
+        self.paused = True
+        if self.session is not None:
+            self.session.writable = False
+        self.link.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The transport drained: send what waited."""
+        self.paused = False
+        self.link.resume_reading()
+        session = self.session
+        if session is not None and self.state is ChannelState.CONNECTED:
+            session.writable = True
+            self.send_deliveries(session.drain())
+            self.engine.pump_retained(self)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, packet: mp.Packet) -> None:
+        """Encode a packet for the next flush."""
+        self.protocol.send(packet)
+        self.engine.mark_dirty(self)
+
+    def send_delivery(self, delivery: Delivery) -> None:
+        """Put one delivery on the wire (at the next flush): its PUBLISH, or its PUBREL once
+        PUBREC'd. The encoded packet is cached on the message, shared by every subscriber."""
+        if delivery.released:
+            self.protocol.send(mp.Pubrel(delivery.packet_id))
+        else:
+            message = delivery.message
+            level = self.protocol.protocol_level
+            if delivery.dup:
+                first, rest = encode_publish_parts(
+                    message.topic, message.payload, delivery.qos, delivery.retain, True, None, level
+                )
+            else:
+                key = (level, delivery.qos, delivery.retain)
+                parts = message.encoded.get(key)
+                if parts is None:
+                    parts = message.encoded[key] = encode_publish_parts(
+                        message.topic, message.payload, delivery.qos, delivery.retain, False, None, level
+                    )
+                first, rest = parts
+            if delivery.qos:
+                self.protocol.send_raw(first, delivery.packet_id.to_bytes(2, "big"), rest)
+            else:
+                self.protocol.send_raw(first, rest)
+            self.engine.counters.sent += 1
+        self.engine.mark_dirty(self)
+
+    def send_deliveries(self, deliveries: list[Delivery]) -> None:
+        """:meth:`send_delivery` for each, in order."""
+        for delivery in deliveries:
+            self.send_delivery(delivery)
+
+    def flush(self) -> None:
+        """Write what is pending with one ``writelines`` (called by the engine's flush)."""
+        self.dirty = False
+        chunks = self.protocol.data_to_send()
+        if chunks:
+            self.link.writelines(chunks)
+
+    def close(self, reason: str) -> None:
+        """Flush, close the transport, and detach from the session now (not when the transport
+        reports it is gone), so that a successor or the shutdown sees the final state at once."""
+        if self.state is ChannelState.CLOSED:
+            return
+        if self.end_reason is None:
+            self.end_reason = reason
+        was_connected = self.session is not None
+        self.state = ChannelState.CLOSED
+        self._cancel_timer()
+        self.flush()
+        self.link.close()
+        if was_connected:
+            self.engine.detach(self, self.end_reason)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection without flushing (shutdown's last step)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        self.link.abort()
+
+    # ------------------------------------------------------------------ timers
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _connect_timeout(self) -> None:
+        self._timer = None
+        if self.state is ChannelState.AWAITING_CONNECT:
+            logger.info(
+                "%s sent no CONNECT within %.1fs (mqtt.idle_timeout); closing",
+                self.describe(),
+                self.engine.settings.idle_timeout,
+            )
+            self.end_reason = "connect_timeout"
+            self.state = ChannelState.CLOSED
+            self.link.abort()
+
+    def start_keepalive(self) -> None:
+        """[MQTT-3.1.2-24] arm the keepalive check: a client silent for ``keepalive_multiplier``
+        x its keepalive is disconnected (and its will published)."""
+        self._cancel_timer()
+        if self.keepalive > 0:
+            limit = self.keepalive * self.engine.settings.keepalive_multiplier
+            self._timer = self.engine.loop.call_at(self.last_received + limit, self._check_keepalive)
+
+    def _check_keepalive(self) -> None:
+        self._timer = None
+        if self.state is not ChannelState.CONNECTED:
+            return
+        limit = self.keepalive * self.engine.settings.keepalive_multiplier
+        deadline = self.last_received + limit
+        if self.engine.loop.time() < deadline:  # heard from since: check again then
+            self._timer = self.engine.loop.call_at(deadline, self._check_keepalive)
+            return
+        logger.info(
+            "%s sent nothing for %.1fs (%g x keepalive %ds); closing",
+            self.describe(),
+            limit,
+            self.engine.settings.keepalive_multiplier,
+            self.keepalive,
+        )
+        self.close("keepalive_timeout")
+
+    # ------------------------------------------------------------------ packets
+
+    def _on_connect(self, packet: mp.Connect) -> None:
+        self._cancel_timer()
+        self.engine.admit(self, packet)
+
+    def _on_publish(self, packet: mp.Publish) -> None:
+        session = self.session
+        if session is None:
+            return
+        engine = self.engine
+        engine.counters.received += 1
+        qos = packet.qos
+        if qos == 2:
+            fresh = session.receive_qos2(
+                packet.packet_id or 0, engine.loop.time(), engine.settings.await_rel_timeout
+            )
+            if fresh is None:
+                logger.warning(
+                    "%s has %d QoS 2 messages awaiting PUBREL (mqtt.max_awaiting_rel); closing",
+                    self.describe(),
+                    session.max_awaiting_rel,
+                )
+                engine.counters.dropped["awaiting_rel_full"] += 1
+                self.close("protocol_error")
+                return
+            self.protocol.send(mp.Pubrec(packet.packet_id or 0))
+            engine.mark_dirty(self)
+            if not fresh:
+                return  # a re-send of one already routed [MQTT-4.3.3-2]
+        topic = packet.topic
+        if engine.accepts_publish(self, topic):
+            message = Message(topic, packet.payload, qos, packet.retain, self.client_id)
+            engine.route(message)
+            if packet.retain:
+                engine.retain(message, self)
+        if self.closed:
+            return
+        if qos == 1:
+            self.protocol.send(mp.Puback(packet.packet_id or 0))
+            engine.mark_dirty(self)
+
+    def _on_puback(self, packet: mp.Puback) -> None:
+        self._acknowledged(packet.packet_id, "puback")
+
+    def _on_pubrec(self, packet: mp.Pubrec) -> None:
+        session = self.session
+        if session is not None and session.acknowledge(packet.packet_id, "pubrec"):
+            self.send(mp.Pubrel(packet.packet_id))
+
+    def _on_pubcomp(self, packet: mp.Pubcomp) -> None:
+        self._acknowledged(packet.packet_id, "pubcomp")
+
+    def _acknowledged(self, packet_id: int, stage: str) -> None:
+        session = self.session
+        if session is not None and session.acknowledge(packet_id, stage):
+            if session.queue:
+                self.send_deliveries(session.drain())
+            if self.retained:
+                self.engine.pump_retained(self)
+
+    def _on_pubrel(self, packet: mp.Pubrel) -> None:
+        # MQTT 3.1.1 4.3.3: PUBCOMP also for an id no longer held (released before a reconnect),
+        # or the client re-sends its PUBREL forever.
+        if self.session is not None:
+            self.session.release(packet.packet_id)
+        self.send(mp.Pubcomp(packet.packet_id))
+
+    def _on_subscribe(self, packet: mp.Subscribe) -> None:
+        self.engine.subscribe(self, packet)
+
+    def _on_unsubscribe(self, packet: mp.Unsubscribe) -> None:
+        self.engine.unsubscribe(self, packet)
+
+    def _on_pingreq(self, packet: mp.Pingreq) -> None:
+        self.send(mp.Pingresp())
+
+    def _on_disconnect(self, packet: mp.Disconnect) -> None:
+        self.will = None  # [MQTT-3.1.2-10] a clean DISCONNECT discards the will
+        self.close("client_disconnect")
+
+    def _on_unexpected(self, packet: mp.Packet) -> None:
+        # The protocol already refuses what a client may never send; AUTH has no meaning at 3.1.1.
+        logger.warning("%s sent an unexpected %s; closing", self.describe(), type(packet).__name__)
+        self.close("protocol_error")
+
+
+_HANDLERS: dict[type[Any], Any] = {
+    mp.Connect: Channel._on_connect,
+    mp.Publish: Channel._on_publish,
+    mp.Puback: Channel._on_puback,
+    mp.Pubrec: Channel._on_pubrec,
+    mp.Pubrel: Channel._on_pubrel,
+    mp.Pubcomp: Channel._on_pubcomp,
+    mp.Subscribe: Channel._on_subscribe,
+    mp.Unsubscribe: Channel._on_unsubscribe,
+    mp.Pingreq: Channel._on_pingreq,
+    mp.Disconnect: Channel._on_disconnect,
+    mp.Connack: Channel._on_unexpected,
+    mp.Suback: Channel._on_unexpected,
+    mp.Unsuback: Channel._on_unexpected,
+    mp.Pingresp: Channel._on_unexpected,
+    mp.Auth: Channel._on_unexpected,
+}
