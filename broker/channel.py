@@ -79,6 +79,8 @@ class Channel:
         self.listener_id = listener_id
         self.protocol = MqttServerProtocol(engine.settings.max_packet_size, ACCEPTED_LEVELS)
         self.state = ChannelState.AWAITING_CONNECT
+        #: ``state is CLOSED``, as a plain attribute: read after every packet.
+        self.closed = False
         self.session: EngineSession | None = None
         self.rules: ClientRules | None = None
         self.client_id = ""
@@ -102,11 +104,6 @@ class Channel:
         self.retained: list[tuple[Any, int]] = []
         self.throttle = _Throttle()
 
-    @property
-    def closed(self) -> bool:
-        """Whether the connection is over (or being closed) for the engine."""
-        return self.state is ChannelState.CLOSED
-
     def describe(self) -> str:
         """``listener: client 'id' from <real address> via <proxy>`` for log lines."""
         if self.state is ChannelState.AWAITING_CONNECT:
@@ -117,7 +114,7 @@ class Channel:
 
     def data_received(self, data: bytes) -> None:
         """Handle every complete packet in ``data`` (the listener's push)."""
-        if self.state is ChannelState.CLOSED:
+        if self.closed:
             return
         self.last_received = self.engine.loop.time()
         protocol = self.protocol
@@ -135,10 +132,11 @@ class Channel:
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The transport is gone (the peer closed, or we did)."""
-        if self.state is ChannelState.CLOSED:
+        if self.closed:
             self.engine.forget(self)
             return
         self.state = ChannelState.CLOSED
+        self.closed = True
         self._cancel_timer()
         self.engine.forget(self)
         if self.session is not None:
@@ -213,12 +211,13 @@ class Channel:
     def close(self, reason: str) -> None:
         """Flush, close the transport, and detach from the session now (not when the transport
         reports it is gone), so that a successor or the shutdown sees the final state at once."""
-        if self.state is ChannelState.CLOSED:
+        if self.closed:
             return
         if self.end_reason is None:
             self.end_reason = reason
         was_connected = self.session is not None
         self.state = ChannelState.CLOSED
+        self.closed = True
         self._cancel_timer()
         self.flush()
         self.link.close()
@@ -248,6 +247,7 @@ class Channel:
             )
             self.end_reason = "connect_timeout"
             self.state = ChannelState.CLOSED
+            self.closed = True
             self.link.abort()
 
     def start_keepalive(self) -> None:

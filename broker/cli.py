@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import yaml
 
@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the broker in the foreground")
     serve.add_argument("--config", metavar="FILE", help="YAML settings (default: the embedded defaults)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when installed (auto, the default), or asyncio's own",
+    )
 
     ctl = commands.add_parser("ctl", help="talk to a running broker's admin API")
     ctl_module.add_arguments(ctl)
@@ -55,6 +61,19 @@ def configure_logging(level_name: str) -> None:
     level = getattr(logging, level_name.upper())
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     logging.getLogger("websockets").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory for ``auto`` / ``uvloop`` when it is installed, else ``None``
+    (asyncio's own loop)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _load(path: str | None) -> Settings:
@@ -83,8 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from broker.app import BrokerApp  # the whole engine: only when serving
 
+    loop_factory = event_loop_factory(args.loop)
+    if loop_factory is None and args.loop == "uvloop":
+        print("--loop uvloop: uvloop is not installed (pip install uvloop)", file=sys.stderr)
+        return EXIT_USAGE
+    logging.getLogger("broker").info("event loop: %s", "uvloop" if loop_factory else "asyncio")
     try:
-        asyncio.run(BrokerApp(settings).run())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(BrokerApp(settings).run())
     except RealIPError as exc:
         logging.getLogger("broker").error("%s", exc)
         return EXIT_FAILURE

@@ -47,6 +47,10 @@ SHUTDOWN_TIMEOUT = 1.5
 #: with 100k retained messages must not stall everyone else while they are sent.
 RETAINED_BATCH = 100
 
+#: Topics whose merged subscriber list is cached for routing; the cache is emptied whenever a
+#: subscription changes, and when it holds this many topics.
+ROUTE_CACHE_SIZE = 10_000
+
 #: Publish-side drop reasons (besides the session's own, see broker.core.session).
 SYS_TOPIC = "sys_topic"
 PUBLISH_NOT_AUTHORIZED = "publish_not_authorized"
@@ -143,6 +147,8 @@ class Engine:
         #: every open connection, CONNECTed or not (shutdown closes them all)
         self._channels: set[Channel] = set()
         self._subscriptions: SubscriptionTrie[str, int] = SubscriptionTrie()
+        #: topic -> [(client id, best granted QoS)]: what the trie and the merge gave last time
+        self._routes: dict[str, list[tuple[str, int]]] = {}
         self._retained: RetainedStore[Message] = RetainedStore()
         self._dirty: list[Channel] = []
         self._flush_scheduled = False
@@ -215,7 +221,8 @@ class Engine:
                 return
             client_id = f"auto-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6] the server assigns one
         elif len(client_id) > self.settings.max_clientid_len:
-            message = f"client id of {len(client_id)} characters (mqtt.max_clientid_len {self.settings.max_clientid_len})"
+            limit = self.settings.max_clientid_len
+            message = f"client id of {len(client_id)} characters (mqtt.max_clientid_len {limit})"
             self._refuse(channel, connect, Refusal("client_id", message), reasons.CLIENT_IDENTIFIER_NOT_VALID)
             return
         username = connect.username
@@ -232,7 +239,9 @@ class Engine:
         if refusal is None and connect.will is not None:
             refusal = self._check_will(connect.will.topic, rules)
         if refusal is not None:
-            self._refuse(channel, connect, refusal, reasons.NOT_AUTHORIZED, client_id, username)
+            self._refuse(
+                channel, connect, refusal, reasons.NOT_AUTHORIZED, client_id=client_id, username=username
+            )
             return
         session, present = self._take_session(client_id, persistent=not connect.clean_start)
         channel.state = ChannelState.CONNECTED
@@ -271,6 +280,7 @@ class Engine:
         connect: mp.Connect,
         refusal: Refusal,
         code: int,
+        *,
         client_id: str | None = None,
         username: str | None = None,
     ) -> None:
@@ -357,7 +367,7 @@ class Engine:
 
     def _discard(self, session: EngineSession) -> None:
         for topic_filter in session.subscriptions:
-            self._subscriptions.remove(topic_filter, session.client_id)
+            self._unsubscribed(session, topic_filter)
         session.discard()
         if session.expiry is not None:
             session.expiry.cancel()
@@ -386,7 +396,8 @@ class Engine:
             self.counters.dropped[TOPIC_TOO_DEEP] += 1
             channel.throttle.log(
                 logging.WARNING,
-                "client %r from %s published to a topic of more than %d levels (mqtt.max_topic_levels); dropped",
+                "client %r from %s published to a topic of more than %d levels (mqtt.max_topic_levels); "
+                "dropped",
                 channel.client_id,
                 channel.address.describe(),
                 self.settings.max_topic_levels,
@@ -409,17 +420,15 @@ class Engine:
         """Deliver a message to every matching subscriber: one copy per client, at
         min(publish QoS, the highest QoS of its matching subscriptions) [MQTT-3.3.5-1] (or the
         subscription's QoS with ``upgrade_qos``), only topics its rules let it receive."""
-        matches = self._subscriptions.match(message.topic)
-        if not matches:
-            return
-        best: dict[str, int] = {}
-        for client_id, granted in matches:
-            if granted > best.get(client_id, -1):
-                best[client_id] = granted
         topic = message.topic
+        targets = self._routes.get(topic)
+        if targets is None:
+            targets = self._targets(topic)
+        if not targets:
+            return
         upgrade = self.settings.upgrade_qos
         sessions = self._sessions
-        for client_id, granted in best.items():
+        for client_id, granted in targets:
             session = sessions[client_id]
             rules = session.rules
             if rules is not None and not rules.allows("subscribe", topic):
@@ -430,6 +439,27 @@ class Engine:
             delivery = session.deliver(Delivery(message, qos))
             if delivery is not None and session.channel is not None:
                 session.channel.send_delivery(delivery)
+
+    def _targets(self, topic: str) -> list[tuple[str, int]]:
+        """Who gets ``topic``, one entry per client at its best granted QoS; cached."""
+        best: dict[str, int] = {}
+        for client_id, granted in self._subscriptions.match(topic):
+            if granted > best.get(client_id, -1):
+                best[client_id] = granted
+        routes = self._routes
+        if len(routes) >= ROUTE_CACHE_SIZE:
+            routes.clear()
+        targets = routes[topic] = list(best.items())
+        return targets
+
+    def _subscribed(self, session: EngineSession, topic_filter: str, qos: int) -> None:
+        session.subscriptions[topic_filter] = qos
+        self._subscriptions.add(topic_filter, session.client_id, qos)
+        self._routes.clear()
+
+    def _unsubscribed(self, session: EngineSession, topic_filter: str) -> None:
+        self._subscriptions.remove(topic_filter, session.client_id)
+        self._routes.clear()
 
     def retain(self, message: Message, channel: Channel | None) -> None:
         """Store (or, for an empty payload, clear [MQTT-3.3.1-10/11]) a topic's retained message,
@@ -486,8 +516,7 @@ class Engine:
                 codes.append(0x80)
                 continue
             qos = subscription.qos
-            session.subscriptions[topic_filter] = qos
-            self._subscriptions.add(topic_filter, session.client_id, qos)
+            self._subscribed(session, topic_filter, qos)
             codes.append(qos)
             granted.append((topic_filter, qos))
         channel.send(mp.Suback(packet.packet_id, codes))
@@ -506,7 +535,7 @@ class Engine:
             if session.subscriptions.pop(topic_filter, None) is None:
                 codes.append(reasons.NO_SUBSCRIPTION_EXISTED)
             else:
-                self._subscriptions.remove(topic_filter, session.client_id)
+                self._unsubscribed(session, topic_filter)
                 codes.append(reasons.SUCCESS)
         channel.send(mp.Unsuback(packet.packet_id, codes))
 

@@ -7,8 +7,8 @@ them, the listeners' :class:`~listeners.connection.ListenerStats` and the live s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -96,7 +96,11 @@ class BrokerCollector(Collector):
         sent.add_metric([], self._messages.sent)
         yield sent
         for name, help_text, counts in (
-            ("realip_messages_dropped", "Messages not delivered or not stored, by reason", self._messages.dropped),
+            (
+                "realip_messages_dropped",
+                "Messages not delivered or not stored, by reason",
+                self._messages.dropped,
+            ),
             ("realip_connects_refused", "CONNECTs refused, by reason", self._messages.refused),
             (
                 "realip_subscriptions_refused",

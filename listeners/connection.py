@@ -47,7 +47,9 @@ class Link(Protocol):
     def close(self) -> None:
         """Flush what is queued, then close (WebSocket: close frame 1000, then the TCP close).
 
-        A peer that does not read is dropped after :data:`CLOSE_TIMEOUT`. Safe to call twice.
+        From here on :meth:`Sink.data_received` is not called again. TCP half-closes (FIN after the
+        queued bytes) and :meth:`Sink.connection_lost` comes when the client closes its side; a
+        peer that does not read or close is dropped after :data:`CLOSE_TIMEOUT`. Safe to call twice.
         """
 
     def abort(self) -> None:

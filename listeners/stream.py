@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterable
+from typing import cast
 
 from listeners.address import ClientAddress, format_hostport
 from listeners.connection import CLOSE_TIMEOUT, ListenerStats, RefusalHook, Sink, SinkFactory, refuse
@@ -108,9 +109,9 @@ class ClientProtocol(asyncio.Protocol):
         return format_hostport(*self._peer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
         self._made = True
-        self._transport = transport
+        transport = self._transport = cast("asyncio.Transport", transport)
         context = self._context
         peername = transport.get_extra_info("peername")
         if peername is None:  # reset between accept and now: getpeername() failed

@@ -58,13 +58,13 @@ def subscribe(packet_id: int, *filters: tuple[str, int]) -> bytes:
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     """``n`` bytes, or fewer if the peer closed first."""
-    data = b""
+    data = bytearray()
     while len(data) < n:
-        chunk = sock.recv(n - len(data))
+        chunk = sock.recv(min(n - len(data), 1 << 20))
         if not chunk:
             break
         data += chunk
-    return data
+    return bytes(data)
 
 
 def read_packet(sock: socket.socket) -> tuple[int, bytes]:
