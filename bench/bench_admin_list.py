@@ -56,6 +56,9 @@ class FakeEngine:
     def count(self) -> int:
         return len(self._views)
 
+    def stats(self) -> dict[str, int]:
+        return {"sessions": len(self._views)}
+
 
 async def main(count: int, rounds: int) -> None:
     workdir = Path(tempfile.mkdtemp())

@@ -85,7 +85,6 @@ class BrokerApp:
             StartupError: the data directory cannot be made, or a listener cannot bind; what was
                 started is stopped again.
             AdminStartupError: the admin API cannot listen.
-            EngineError: the engine cannot start.
         """
         data_dir = Path(self.settings.node.data_dir)
         try:
@@ -149,7 +148,7 @@ class BrokerApp:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then stop.
 
         Raises:
-            StartupError, EngineError: as :meth:`start`.
+            StartupError, AdminStartupError: as :meth:`start`.
         """
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

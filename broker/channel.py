@@ -72,6 +72,32 @@ class _Throttle:
 class Channel:
     """The engine's side of one connection (implements ``listeners.connection.Sink``)."""
 
+    # Slotted: one per connection, idle ones included (memory per connection is a benchmark).
+    __slots__ = (
+        "_timer",
+        "address",
+        "clean_start",
+        "client_id",
+        "closed",
+        "connected_at",
+        "dirty",
+        "end_reason",
+        "engine",
+        "keepalive",
+        "last_received",
+        "link",
+        "listener_id",
+        "paused",
+        "protocol",
+        "retained",
+        "rules",
+        "session",
+        "state",
+        "throttle",
+        "username",
+        "will",
+    )
+
     def __init__(self, engine: Engine, link: Link, address: ClientAddress, listener_id: str) -> None:
         self.engine = engine
         self.link = link

@@ -7,7 +7,6 @@ others are defined here::
 
     RealIPError                  [listeners] the root
     ├── ConfigError              invalid settings; carries every problem with its path
-    ├── EngineError              the MQTT engine failed to start
     ├── AddressError             [listeners] a client address could not be learned safely
     │   ├── ProxyProtocolError   [listeners] a PROXY protocol v1/v2 header is malformed or refused
     │   └── ForwardedHeaderError [listeners] an address header (X-Forwarded-For...) is malformed
@@ -29,7 +28,6 @@ __all__ = [
     "AdminError",
     "ConfigError",
     "ConfigProblem",
-    "EngineError",
     "ForwardedHeaderError",
     "ProxyProtocolError",
     "RealIPError",
@@ -56,10 +54,6 @@ class ConfigError(RealIPError):
         where = f"{source}: " if source else ""
         lines = "\n".join(f"  {problem}" for problem in self.problems)
         super().__init__(f"{where}{len(self.problems)} configuration error(s):\n{lines}")
-
-
-class EngineError(RealIPError):
-    """The MQTT engine failed to start."""
 
 
 class AdminError(RealIPError):

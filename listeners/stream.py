@@ -72,6 +72,24 @@ class ClientProtocol(asyncio.Protocol):
     PROXY header it read, if any.
     """
 
+    # Slotted: one per connection, idle ones included.
+    __slots__ = (
+        "_close_timer",
+        "_closing",
+        "_context",
+        "_counted",
+        "_gate",
+        "_header",
+        "_header_read",
+        "_header_timer",
+        "_made",
+        "_peer",
+        "_receiver",
+        "_sink",
+        "_transport",
+        "_write_paused",
+    )
+
     _transport: asyncio.Transport
 
     def __init__(

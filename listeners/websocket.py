@@ -85,6 +85,8 @@ class WebSocketProtocol(ClientProtocol):
     """One connection of a ``ws``/``wss`` listener: PROXY header, HTTP upgrade, then WebSocket
     frames in and out; the engine's Link (each write is one binary frame)."""
 
+    __slots__ = ("_address", "_decide", "_failed", "_max_size", "_open_timer", "_ws")
+
     def __init__(
         self,
         context: ListenerContext,

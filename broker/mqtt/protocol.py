@@ -71,6 +71,8 @@ class MqttServerProtocol:
     CONNECT protocol levels served (4: MQTT 3.1.1, 5: MQTT 5.0, 3: MQTT 3.1).
     """
 
+    __slots__ = ("_decoder", "_outbox", "accept_levels", "close_requested", "error", "state")
+
     def __init__(self, max_packet_size: int, accept_levels: frozenset[int] = frozenset({4})) -> None:
         """Raises ValueError for a ``max_packet_size`` the decoder refuses."""
         self._decoder = Decoder(max_packet_size)
