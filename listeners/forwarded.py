@@ -12,7 +12,7 @@ Which syntax is parsed is chosen by the name of the configured address header:
 - anything else (``X-Forwarded-For``, ``X-Client-IP``, ``CF-Connecting-IP``...): a comma-separated
   address list, leftmost = farthest from us, each proxy appending the address it received from.
 
-Trust (DESIGN.md, "Trust rules"):
+Trust (ARCHITECTURE.md, "Trust rules"):
 
 - No address header configured: the socket peer is the client; headers are not read at all.
 - ``trusted_proxies`` set and the socket peer not in it: headers are ignored entirely, so a client

@@ -1,4 +1,4 @@
-"""The trust rules of a listener's ``proxy_protocol`` setting, as pure code (DESIGN.md "Trust rules").
+"""The trust rules of a listener's ``proxy_protocol`` setting, as pure code (ARCHITECTURE.md "Trust rules").
 
 :class:`ProxyGate` is fed the first bytes of a connection and decides: a PROXY header to honour, no
 header (the bytes are the client's own stream), or a refusal with a reason. The TCP listener feeds it

@@ -5,7 +5,7 @@ Push-based like the TCP listeners: :class:`WebSocketProtocol` is a
 :class:`~websockets.server.ServerProtocol` between the transport and the engine's sink, so no task
 runs per connection (websockets' asyncio server runs one per connection).
 
-The client's address is learned in two layers (DESIGN.md "Trust rules"):
+The client's address is learned in two layers (ARCHITECTURE.md "Trust rules"):
 
 1. ``proxy_protocol``: a PROXY header before the HTTP request, read as on TCP listeners (from
    ``data_received``; on ``wss`` from the socket, before the TLS handshake); it gives the

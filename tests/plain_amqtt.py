@@ -1,7 +1,7 @@
 """Plain amqtt 0.12.1 with its own TCP listener: the reference our fault regression tests run against.
 
 An auth plugin refuses one address, standing in for IP access control, so that the session-ordering
-faults of ../shared/AMQTT.md (a-d) can be shown on amqtt itself.
+faults listed in README "How it is built" (a-d) can be shown on amqtt itself.
 
     python -m tests.plain_amqtt PORT DENIED_IP
     python -m tests.plain_amqtt PORT -        (amqtt's own AnonymousAuthPlugin, its usual set-up)

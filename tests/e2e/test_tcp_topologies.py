@@ -1,4 +1,4 @@
-"""Topologies 1-4 of DESIGN.md: the real broker behind real NGINX and HAProxy (PROXY protocol).
+"""Topologies 1-4 of README ("Topologies, each an example config"): the real broker behind real NGINX and HAProxy (PROXY protocol).
 
 Each client binds its own 127.x address to play a distinct host; each load balancer tier
 connects from its own address (``proxy_bind`` / ``source``). Every test asserts the address the

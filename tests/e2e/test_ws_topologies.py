@@ -1,4 +1,4 @@
-"""Topologies 5-9 of DESIGN.md: MQTT over WebSocket behind real NGINX tiers.
+"""Topologies 5-9 of README ("Behind an HTTP load balancer"): MQTT over WebSocket behind real NGINX tiers.
 
 Clients bind their own 127.x addresses and some forge X-Forwarded-For / X-Forwarded-Port /
 X-Real-IP; every test asserts the address the broker reports for the client id

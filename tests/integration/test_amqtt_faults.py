@@ -1,4 +1,4 @@
-"""AMQTT.md faults a-d: each test shows the fault on plain amqtt 0.12.1 and its absence here.
+"""amqtt 0.12.1's faults a-d (README, "How it is built"): each test shows the fault on plain amqtt 0.12.1 and its absence here.
 
 Every scenario runs twice with a third-party client (paho-mqtt): against plain amqtt (its own TCP
 listener, an auth plugin refusing 127.0.0.66) where the faulty outcome is asserted, proving the test

@@ -406,3 +406,34 @@ def test_mqtt5_connect_is_answered_at_once(broker: BrokerProcess) -> None:
     line = broker.wait_for_log(r"protocol (level|version) 5").group(0)
     assert "sent no CONNECT" not in broker.output()
     assert line
+
+
+def test_websocket_frames_are_bounded_by_max_packet_size(
+    start_broker: BrokerFactory, clients: Clients
+) -> None:
+    """amqtt's WebSocket listener took 16 MiB frames whatever mqtt.max_packet_size said (40
+    half-sent ones held +641 MiB); here a frame announcing more is refused from its header (1009)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+
+    broker = start_broker(
+        broker_config(ws={"default": listener_config()}, mqtt={"max_packet_size": "64KB"}), log_level="info"
+    )
+    url = f"ws://127.0.0.1:{broker.port('ws:default')}/mqtt"
+    with ws_connect(url, subprotocols=["mqtt"], max_size=None) as ws:  # type: ignore[list-item]
+        ws.send(connect("ws-big"))
+        assert ws.recv(timeout=WAIT) == b"\x20\x02\x00\x00"
+        ws.send(publish("t", b"z" * 100_000))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=WAIT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    # An MQTT packet split over several frames is still one packet, bounded as a whole.
+    with ws_connect(url, subprotocols=["mqtt"]) as ws:  # type: ignore[list-item]
+        ws.send(connect("ws-split"))
+        assert ws.recv(timeout=WAIT) == b"\x20\x02\x00\x00"
+        big = publish("t", b"z" * 70_000)
+        for offset in range(0, len(big), 30_000):
+            ws.send(big[offset : offset + 30_000])
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=WAIT)
+    broker.wait_for_log(r"client 'ws-split' .*PUBLISH of \d+ bytes exceeds the maximum packet size of 65536")

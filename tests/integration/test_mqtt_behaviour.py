@@ -1,4 +1,4 @@
-"""MQTT 3.1.1 behaviours amqtt 0.12.1 gets wrong (AMQTT.md), driven by paho-mqtt against the real broker.
+"""MQTT 3.1.1 behaviours amqtt 0.12.1 gets wrong (README, "MQTT 3.1.1 as the spec says"), driven by paho-mqtt against the real broker.
 
 Every test runs three times: clients straight at realip-broker; through real NGINX sending the
 PROXY protocol (the listener must not change any of this); and straight at plain amqtt 0.12.1 with

@@ -1,4 +1,4 @@
-"""The session lifecycle of broker/engine.py, against amqtt 0.12.1's faults (AMQTT.md)."""
+"""The session lifecycle of the engine, against amqtt 0.12.1's faults (README, "How it is built")."""
 
 from __future__ import annotations
 

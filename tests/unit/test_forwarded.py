@@ -209,7 +209,7 @@ def test_walk(peer: str, value: str, expected: Outcome, hop: int | None) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# The multi-tier NGINX setups of DESIGN.md
+# The multi-tier NGINX setups of README "Behind an HTTP load balancer"
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md "Layers", checked on the source with :mod:`ast`.
+"""The import rules of ARCHITECTURE.md "Layers", checked on the source with :mod:`ast`.
 
 - ``listeners/`` imports only the standard library, ``websockets`` and ``listeners``;
 - ``broker/mqtt/`` imports only the standard library and ``broker.mqtt`` (it may not exist yet: the
