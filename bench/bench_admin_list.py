@@ -64,8 +64,11 @@ async def main(count: int, rounds: int) -> None:
     workdir = Path(tempfile.mkdtemp())
     socket_path = workdir / "admin.sock"
     server = AdminServer(
-        AdminSettings(listen=AdminAddress(path=str(socket_path))), FakeEngine(count), [], None
-    )  # type: ignore[arg-type]
+        AdminSettings(listen=AdminAddress(path=str(socket_path))),
+        FakeEngine(count),  # type: ignore[arg-type]
+        [],
+        None,  # type: ignore[arg-type]
+    )
     await server.start()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     command = [sys.executable, "-m", "broker", "ctl", "--admin", f"unix:{socket_path}", "clients", "list"]

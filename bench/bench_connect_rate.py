@@ -112,7 +112,8 @@ async def measure(
     table.notes += [
         "Each connection: [PROXY header +] CONNECT -> CONNACK -> DISCONNECT, close; one asyncio client "
         "process (this one). Ratios are taken within a round, then median [min-max] over rounds.",
-        "PROXY header cost = 1 - ratio; the issue's bound is < 10%.",
+        "PROXY header cost = 1 - ratio (phase 1's bound was < 10%; no longer among the criteria). "
+        "Client CPU near 100% means this one client process, not the broker, sets the rate.",
     ]
     return table
 
@@ -122,14 +123,6 @@ async def run(options: Options) -> list[Table]:
     ours = await options.shared("realip")
     reference = await options.shared("amqtt")
     table = await measure(ours, reference, connections, rounds, CONCURRENCY)
-    for row in table.rows:
-        if row[0].startswith("PROXY"):
-            ratio = float(row[3].split()[0])
-            options.check(
-                f"{row[0]} header costs < 10% of connection rate (ratio to plain > 0.90)",
-                f"ratio {row[3]}; cost (1 - ratio) {1 - ratio:.0%}",
-                ratio > 0.90,
-            )
     return [table]
 
 

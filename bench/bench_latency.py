@@ -39,7 +39,7 @@ LOAD_RATE = 2500
 #: Probe messages per second.
 PROBE_RATE = 200
 #: Seconds of probing per round, and rounds; full and quick.
-SECONDS = {False: 5.0, True: 1.5}
+SECONDS = {False: 5.0, True: 1.0}
 ROUNDS = {False: 2, True: 1}
 KINDS = [("realip", REALIP), ("amqtt", AMQTT), ("mosquitto", MOSQ)]
 

@@ -38,6 +38,9 @@ PYTHON = sys.executable
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 REALIP = "realip-broker"
+#: realip-broker on asyncio's own event loop (``serve --loop asyncio``); REALIP runs the default
+#: (``--loop auto``: uvloop, installed with the project).
+REALIP_ASYNCIO = "realip-broker --loop asyncio"
 AMQTT = "amqtt 0.12.1"
 MOSQ = "mosquitto 2.0.11"
 
@@ -159,6 +162,8 @@ class Broker:
     ports: dict[str, int]
     workdir: Path
     log: Path
+    #: realip-broker's event loop as it logged it ("uvloop" / "asyncio"); "" for the others.
+    loop: str = ""
 
     @property
     def pid(self) -> int:
@@ -181,6 +186,24 @@ class Broker:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
+    async def dropped(self) -> dict[str, int] | None:
+        """realip-broker's ``realip_messages_dropped_total`` by reason (from ``/metrics`` on its admin
+        socket), or None for another broker or a realip-broker without an admin socket."""
+        socket_path = self.workdir / ADMIN_SOCKET
+        if self.kind != "realip" or not socket_path.exists():
+            return None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket_path)), 5.0)
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            text = (await asyncio.wait_for(reader.read(), 5.0)).decode(errors="replace")
+            writer.close()
+        except (OSError, TimeoutError):
+            return None
+        drops: dict[str, int] = {}
+        for match in re.finditer(r'^realip_messages_dropped_total\{reason="([^"]*)"\} (\S+)$', text, re.M):
+            drops[match.group(1)] = int(float(match.group(2)))
+        return drops
+
     async def stop(self, *, kill: bool = False) -> None:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -197,18 +220,22 @@ class Broker:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-REALIP_ALL_LISTENERS = """\
+#: realip-broker's admin socket in its working directory: the benchmarks read its drop counters
+#: (``/metrics``) from it, nothing else.
+ADMIN_SOCKET = "admin.sock"
+
+REALIP_ALL_LISTENERS = f"""\
 listeners:
   tcp:
-    default: {bind: "127.0.0.1:0"}
-    pp: {bind: "127.0.0.1:0", proxy_protocol: true}
+    default: {{bind: "127.0.0.1:0"}}
+    pp: {{bind: "127.0.0.1:0", proxy_protocol: true}}
   ws:
-    default: {bind: "127.0.0.1:0"}
+    default: {{bind: "127.0.0.1:0"}}
     xff:
       bind: "127.0.0.1:0"
       trusted_proxies: ["127.0.0.1/32"]
-      websocket: {proxy_address_header: X-Forwarded-For}
-admin: {listen: ""}
+      websocket: {{proxy_address_header: X-Forwarded-For}}
+admin: {{listen: "unix:{ADMIN_SOCKET}"}}
 """
 
 
@@ -247,11 +274,15 @@ async def _wait_log_line_unguarded(
 
 
 async def start_realip(
-    config: str = REALIP_ALL_LISTENERS, label: str = REALIP, launcher: Sequence[str] | None = None
+    config: str = REALIP_ALL_LISTENERS,
+    label: str = REALIP,
+    launcher: Sequence[str] | None = None,
+    loop: str = "auto",
 ) -> Broker:
     """realip-broker as operators run it (``serve --config``, log level info, logs to a file).
 
-    ``launcher`` replaces ``python -m broker`` (the profiler runs the same command line under cProfile).
+    ``launcher`` replaces ``python -m broker`` (the profiler runs the same command line under cProfile);
+    ``loop`` other than ``auto`` (the default: uvloop when installed) is passed as ``--loop``.
     """
     workdir = Path(tempfile.mkdtemp(prefix="bench-realip-"))
     (workdir / "broker.yaml").write_text(config)
@@ -264,6 +295,7 @@ async def start_realip(
             "broker.yaml",
             "--log-level",
             "info",
+            *([] if loop == "auto" else ["--loop", loop]),
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -277,7 +309,12 @@ async def start_realip(
         ports[name] = int(hostport.rpartition(":")[2])
     if "tcp:default" in ports:
         ports["tcp"] = ports["tcp:default"]
-    return Broker(label, "realip", proc, ports, workdir, log)
+    logged = re.search(r"event loop: (\w+)", log.read_text(errors="replace"))
+    if loop != "auto" and (logged is None or logged.group(1) != loop):
+        await _abandon(proc, workdir)
+        said = logged.group(0) if logged else "nothing about its loop"
+        raise BenchError(f"{label}: asked for --loop {loop}, the broker logged {said!r}")
+    return Broker(label, "realip", proc, ports, workdir, log, loop=logged.group(1) if logged else "?")
 
 
 async def start_amqtt(label: str = AMQTT, launcher: Sequence[str] | None = None) -> Broker:
@@ -552,9 +589,18 @@ class Options:
         self.checks.append((criterion, measured, met))
 
     async def shared(self, kind: str) -> Broker:
+        """The broker of ``kind`` (``realip``, ``realip-asyncio``, ``amqtt``, ``mosquitto``)."""
         if kind not in self.brokers:
-            starter = {"realip": start_realip, "amqtt": start_amqtt, "mosquitto": start_mosquitto}[kind]
-            self.brokers[kind] = await starter()
+            if kind == "realip-asyncio":
+                self.brokers[kind] = await start_realip(label=REALIP_ASYNCIO, loop="asyncio")
+            elif kind == "realip":
+                self.brokers[kind] = await start_realip()
+            elif kind == "amqtt":
+                self.brokers[kind] = await start_amqtt()
+            elif kind == "mosquitto":
+                self.brokers[kind] = await start_mosquitto()
+            else:
+                raise BenchError(f"unknown broker kind {kind!r}")
         return self.brokers[kind]
 
     async def close(self) -> None:

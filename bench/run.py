@@ -4,18 +4,25 @@
 
 Benchmarks (in this order; ``--only`` picks some):
 
-- ``throughput``  QoS 0/1 msg/s, 1->1, 10->1, 1->10, 64 B and 4 KiB: realip-broker (plain listener
-  and PROXY listener), amqtt 0.12.1 with its own listener, mosquitto; rounds alternate the brokers.
-- ``ratio``       QoS 0 1->1 64 B, realip-broker / amqtt over several alternating rounds, with spread.
+- ``throughput``  QoS 0/1 msg/s, 1->1, 10->1, 1->10, 64 B and 4 KiB: realip-broker (plain listener,
+  PROXY listener, and on asyncio's loop for 64 B 1->1), amqtt 0.12.1 with its own listener,
+  mosquitto; rounds alternate the brokers.
+- ``ratio``       QoS 0 1->1 64 B over alternating rounds: realip-broker (uvloop, asyncio's loop,
+  PROXY listener) against amqtt and mosquitto fed by the same publishers, with spread; what
+  uvloop gives.
+- ``filters``     a QoS 0 flow while one client holds 20 or 20,000 unrelated filters, three brokers
+  (bench_filters.py).
 - ``latency``     QoS 1 publish->receive p50/p90/p99 under a fixed background load, three brokers.
 - ``connect``     connection rate through a PROXY v1 / v2 listener vs a plain one.
 - ``ws``          WebSocket connection rate with X-Forwarded-For resolution vs without.
 - ``memory``      resident memory per idle connection at 1k and 10k connections through a PROXY
-                  listener, with amqtt's own listener and mosquitto at the same counts.
+                  listener (uvloop and asyncio's loop), with amqtt's own listener and mosquitto at
+                  the same counts; where the Python-allocated bytes of a connection go
+                  (tracemalloc).
 - ``parse``       PROXY header parse rate (bench_proxy_parse.py).
 - ``admin``       ``ctl clients list`` with 10,000 clients (bench_admin_list.py).
-- ``profile``     where realip-broker and amqtt spend their time on the QoS 0 message path
-                  (profile_engine.py: py-spy when installed, else cProfile).
+- ``profile``     where realip-broker (uvloop and asyncio's loop) and amqtt spend their time on
+                  the QoS 0 message path (profile_engine.py: py-spy when installed, else cProfile).
 
 Prints a header (date, machine, load, which realip-broker tree, command), one Markdown table per
 benchmark with ratios, the wall time of each benchmark and of the whole run, then the issue's
@@ -43,12 +50,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import bench_connect_rate  # noqa: E402
+import bench_filters  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_throughput  # noqa: E402
 import bench_ws_connect_rate  # noqa: E402
 from benchlib import (  # noqa: E402
     PYTHON,
+    REALIP,
     REALIP_SRC,
     REPO,
     BenchError,
@@ -90,7 +99,23 @@ async def run_admin(options: Options) -> list[Table]:
 
 
 async def run_profile(options: Options) -> list[Table]:
-    return await _script(options, "profile_engine.py")
+    tables = await _script(options, "profile_engine.py")
+    lines = [row[0] for row in tables[0].rows]
+    ours, section = False, ""
+    names: list[str] = []
+    for line in lines:
+        if line.startswith("=="):
+            ours = line.startswith(f"== {REALIP} (event loop")
+        elif not line.startswith(" "):
+            section = line
+        elif ours and "by own" in section and "(broker/" in line and len(names) < 3:
+            names.append(line.split("%", 1)[1].strip().split(" (")[0])
+    options.check(
+        "a profile of the new message path, naming our functions (profile_engine.py)",
+        "top own samples: " + ", ".join(names) if names else "no broker/ function in the profile",
+        bool(names),
+    )
+    return tables
 
 
 def _interrupt(*_: object) -> None:
@@ -109,6 +134,7 @@ class _ChildWatcherNoise(logging.Filter):
 BENCHMARKS: dict[str, Callable[[Options], Awaitable[list[Table]]]] = {
     "throughput": bench_throughput.run_throughput,
     "ratio": bench_throughput.run_ratio,
+    "filters": bench_filters.run,
     "latency": bench_latency.run,
     "connect": bench_connect_rate.run,
     "ws": bench_ws_connect_rate.run,
