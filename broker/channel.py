@@ -409,6 +409,8 @@ class Channel:
             return
         if not v5:
             code = 0
+        elif qos == 2 and code >= 0x80:
+            session.release(packet_id)  # a refusing PUBREC ends the flow: no PUBREL follows
         self.send(mp.Puback(packet_id, code) if qos == 1 else mp.Pubrec(packet_id, code))
 
     def _resolve_alias(self, topic: str, properties: dict[str, Any]) -> str:
