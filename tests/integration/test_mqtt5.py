@@ -360,7 +360,7 @@ def test_session_expiry_is_capped_and_said(start_broker: BrokerFactory, tmp_path
     )
     clients = V5Clients(Route(broker, broker.port("tcp:default")))
     try:
-        client, connack = connected(clients, "v5-cap", SessionExpiryInterval=3600)
+        _, connack = connected(clients, "v5-cap", SessionExpiryInterval=3600)
         assert connack["SessionExpiryInterval"] == 60
         assert client_info(broker, "v5-cap")["session_expiry_interval"] == 60
     finally:
@@ -485,7 +485,7 @@ def test_unknown_authentication_method(v5: V5Clients) -> None:
 
 
 def test_assigned_client_identifier(v5: V5Clients) -> None:
-    client, connack = connected(v5, "")
+    _, connack = connected(v5, "")
     assigned = connack["AssignedClientIdentifier"]
     assert assigned.startswith("auto-")
     assert client_info(v5.route.broker, assigned)["proto_ver"] == 5
