@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from broker.access import Gatekeeper, Refusal
 from broker.authorization import Authorizer, ClientRules
 from broker.channel import Channel, ChannelState
-from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SubOptions
+from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
 from broker.core.topics import RetainedStore, SubscriptionTrie
 from broker.metrics import MessageCounters
 from broker.mqtt import packets as mp
@@ -156,9 +157,14 @@ class Engine:
         self._connected: dict[str, Channel] = {}
         #: every open connection, CONNECTed or not (shutdown closes them all)
         self._channels: set[Channel] = set()
-        self._subscriptions: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
-        #: topic -> [(client id, options of its matching subscriptions)]: the trie's answer, grouped
-        self._routes: dict[str, list[tuple[str, tuple[SubOptions, ...]]]] = {}
+        self._subscriptions: SubscriptionTrie[str | SharedGroup, SubOptions | SharedGroup] = (
+            SubscriptionTrie()
+        )
+        #: (share name, filter) -> its group, for ``$share/{name}/{filter}`` subscriptions
+        self._groups: dict[tuple[str, str], SharedGroup] = {}
+        #: topic -> ([(client id, options of its matching subscriptions)], [shared groups]): the
+        #: trie's answer, grouped
+        self._routes: dict[str, tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]]] = {}
         self._retained: RetainedStore[Message] = RetainedStore()
         self._dirty: list[Channel] = []
         self._flush_scheduled = False
@@ -340,7 +346,6 @@ class Engine:
             "receive_maximum": settings.max_inflight,
             "maximum_packet_size": settings.max_packet_size,
             "topic_alias_maximum": settings.max_topic_alias,
-            "shared_subscription_available": 0,
         }
         if expiry != requested:
             out["session_expiry_interval"] = int(expiry)
@@ -571,15 +576,14 @@ class Engine:
         [MQTT-3.8.3-3], and only topics the subscriber's rules let it receive. Returns how many
         sessions it went to."""
         topic = message.topic
-        targets = self._routes.get(topic)
-        if targets is None:
-            targets = self._targets(topic)
+        cached = self._routes.get(topic)
+        targets, groups = self._targets(topic) if cached is None else cached
+        count = self._route_shared(message, groups) if groups else 0
         if not targets:
-            return 0
+            return count
         upgrade = self.settings.upgrade_qos
         sessions = self._sessions
         publisher = message.publisher
-        count = 0
         for client_id, options in targets:
             if len(options) == 1:
                 option = options[0]
@@ -609,24 +613,80 @@ class Engine:
                 session.channel.send_delivery(delivery)
         return count
 
-    def _targets(self, topic: str) -> list[tuple[str, tuple[SubOptions, ...]]]:
-        """Who gets ``topic``: each client with the options of its matching subscriptions; cached."""
+    def _route_shared(self, message: Message, groups: list[SharedGroup]) -> int:
+        """One delivery per shared subscription group (MQTT 5 4.8.2), to the member the strategy
+        picks (``mqtt.shared_subscription_strategy``), preferring connected, writable members."""
+        sessions = self._sessions
+        strategy = self.settings.shared_subscription_strategy
+
+        def available(client_id: str) -> bool:
+            return sessions[client_id].writable
+
+        count = 0
+        for group in groups:
+            chance = random.random()  # noqa: S311 - spreading load, not a secret
+            member = group.pick(strategy, message.publisher, message.topic, available, chance)
+            if member is None:
+                continue
+            session = sessions[member]
+            rules = session.rules
+            if rules is not None and not rules.allows("subscribe", message.topic):
+                self.counters.dropped[NOT_AUTHORIZED] += 1
+                session.drops[NOT_AUTHORIZED] += 1
+                continue
+            options = group.members[member]
+            qos = options.qos if self.settings.upgrade_qos or options.qos < message.qos else message.qos
+            ids = (options.identifier,) if options.identifier else ()
+            retain = message.retain and options.retain_as_published
+            delivery = session.deliver(Delivery(message, qos, retain, ids))
+            count += 1
+            if delivery is not None and session.channel is not None:
+                session.channel.send_delivery(delivery)
+        return count
+
+    def _targets(self, topic: str) -> tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]]:
+        """Who gets ``topic``: each client with the options of its matching subscriptions, and the
+        shared groups that match; cached until a subscription changes."""
         grouped: dict[str, list[SubOptions]] = {}
-        for client_id, options in self._subscriptions.match(topic):
-            grouped.setdefault(client_id, []).append(options)
+        groups: list[SharedGroup] = []
+        for key, options in self._subscriptions.match(topic):
+            if isinstance(options, SharedGroup):
+                groups.append(options)
+            elif isinstance(key, str):
+                grouped.setdefault(key, []).append(options)
         routes = self._routes
         if len(routes) >= ROUTE_CACHE_SIZE:
             routes.clear()
-        targets = routes[topic] = [(client_id, tuple(options)) for client_id, options in grouped.items()]
-        return targets
+        entry = routes[topic] = (
+            [(client_id, tuple(options)) for client_id, options in grouped.items()],
+            groups,
+        )
+        return entry
 
     def _subscribed(self, session: EngineSession, topic_filter: str, options: SubOptions) -> None:
         session.subscriptions[topic_filter] = options
-        self._subscriptions.add(topic_filter, session.client_id, options)
+        shared = _shared(topic_filter)
+        if shared is None:
+            self._subscriptions.add(topic_filter, session.client_id, options)
+        else:
+            group = self._groups.get(shared)
+            if group is None:
+                group = self._groups[shared] = SharedGroup(*shared)
+                self._subscriptions.add(shared[1], group, group)
+            group.members[session.client_id] = options
         self._routes.clear()
 
     def _unsubscribed(self, session: EngineSession, topic_filter: str) -> None:
-        self._subscriptions.remove(topic_filter, session.client_id)
+        shared = _shared(topic_filter)
+        if shared is None:
+            self._subscriptions.remove(topic_filter, session.client_id)
+        else:
+            group = self._groups.get(shared)
+            if group is not None:
+                group.members.pop(session.client_id, None)
+                if not group.members:
+                    del self._groups[shared]
+                    self._subscriptions.remove(shared[1], group)
         self._routes.clear()
 
     def retain(self, message: Message, channel: Channel | None) -> None:
@@ -667,14 +727,13 @@ class Engine:
         for subscription in packet.subscriptions:
             topic_filter = subscription.topic_filter
             refused = None
-            if topic_filter.startswith("$share/"):
-                refused, code = (
-                    "shared subscriptions are not supported yet",
-                    reasons.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
-                )
+            shared = _shared(topic_filter)
+            real_filter = topic_filter if shared is None else shared[1]
+            if topic_filter.startswith("$share/") and shared is None:  # 3.1.1: not a usable share
+                refused, code = "not $share/{name}/{filter}", reasons.TOPIC_FILTER_INVALID
             elif topic_filter.count("/") >= self.settings.max_topic_levels:
                 refused, code = "max_topic_levels", reasons.TOPIC_FILTER_INVALID
-            elif rules is not None and not rules.allows("subscribe", topic_filter, is_filter=True):
+            elif rules is not None and not rules.allows("subscribe", real_filter, is_filter=True):
                 refused, code = "authorization rules", reasons.NOT_AUTHORIZED
             elif limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
                 refused, code = f"mqtt.max_subscriptions {limit}", reasons.QUOTA_EXCEEDED
@@ -696,6 +755,8 @@ class Engine:
             self._subscribed(session, topic_filter, options)
             codes.append(qos)
             handling = subscription.retain_handling if v5 else 0
+            if shared is not None:
+                continue  # no retained messages for a shared subscription (MQTT 5 4.8.2)
             if handling == 0 or (handling == 1 and not existed):  # MQTT 5 3.8.3.1
                 granted.append((topic_filter, qos, identifier))
         channel.send(mp.Suback(packet.packet_id, codes))
@@ -858,3 +919,14 @@ class Engine:
         for session in list(self._sessions.values()):
             if session.expiry is not None:
                 session.expiry.cancel()
+
+
+def _shared(topic_filter: str) -> tuple[str, str] | None:
+    """``(share name, filter)`` of ``$share/{name}/{filter}``, or ``None`` for a plain filter (or a
+    ``$share/`` one without a usable name and filter)."""
+    if not topic_filter.startswith("$share/") or topic_filter.count("/") < 2:
+        return None
+    _, name, rest = topic_filter.split("/", 2)
+    if not name or not rest or "+" in name or "#" in name:
+        return None
+    return name, rest

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from broker.authorization import ACTIONS, Rule, valid_filter
+from broker.core.session import SHARED_STRATEGIES
 from broker.errors import ConfigError, ConfigProblem
 from listeners.address import Networks, parse_network
 
@@ -435,6 +436,17 @@ def parse_optional_text(value: Any) -> str:
     return value
 
 
+def parse_strategy(value: Any) -> str:
+    """A shared subscription strategy (``mqtt.shared_subscription_strategy``).
+
+    Raises:
+        ValueError: not one of SHARED_STRATEGIES.
+    """
+    if value not in SHARED_STRATEGIES:
+        raise ValueError(f"{value!r} is not one of {', '.join(SHARED_STRATEGIES)}")
+    return str(value)
+
+
 def parse_keepalive(value: Any) -> int:
     """``disabled`` (0) or a number of seconds from 1 to 65535 (``server_keepalive``).
 
@@ -511,6 +523,9 @@ class MqttSettings:
     #: Forwarded PUBLISHes carry the publisher's real address in a user property of this name ("":
     #: off). A client-supplied property of that name is removed first, so it cannot be forged.
     publisher_address_property: str = setting("", parse_optional_text)
+    #: Which member of a ``$share/{name}/{filter}`` group gets a message: round_robin, random,
+    #: sticky, hash_clientid (of the publisher), hash_topic.
+    shared_subscription_strategy: str = setting("round_robin", parse_strategy)
 
 
 def _parse_rules_into(value: Any, path: str, problems: list[ConfigProblem]) -> tuple[Rule, ...]:

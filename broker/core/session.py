@@ -321,3 +321,55 @@ class Session:
         """In-flight then queued deliveries (for reports and tests)."""
         yield from self.inflight.values()
         yield from self.queue
+
+
+#: How a shared subscription group picks the member that gets a message (EMQX's names).
+SHARED_STRATEGIES: Final = ("round_robin", "random", "sticky", "hash_clientid", "hash_topic")
+
+
+class SharedGroup:
+    """The members of one ``$share/{group}/{filter}`` (MQTT 5 4.8.2): each message goes to one.
+
+    ``members`` maps client id -> its options, in subscription order. :meth:`pick` chooses by the
+    strategy, preferring members whose ``available`` says they can take it now (connected and
+    writable), so a message is not queued for an offline member while another is there.
+    """
+
+    __slots__ = ("_next", "_sticky", "filter", "group", "members")
+
+    def __init__(self, group: str, topic_filter: str) -> None:
+        self.group = group
+        self.filter = topic_filter
+        self.members: dict[str, SubOptions] = {}
+        self._next = 0
+        self._sticky: str | None = None
+
+    def pick(
+        self, strategy: str, publisher: str, topic: str, available: Callable[[str], bool], chance: float
+    ) -> str | None:
+        """The member to deliver to, or ``None`` when the group is empty. ``chance`` is a number in
+        [0, 1) for the ``random`` strategy (the caller's random source, so this stays pure)."""
+        members = list(self.members)
+        if not members:
+            return None
+        ready = [member for member in members if available(member)] or members
+        if strategy == "sticky":
+            if self._sticky not in ready:
+                self._sticky = ready[0]
+            return self._sticky
+        if strategy == "random":
+            return ready[int(chance * len(ready))]
+        if strategy == "hash_clientid":
+            return ready[_stable_hash(publisher) % len(ready)]
+        if strategy == "hash_topic":
+            return ready[_stable_hash(topic) % len(ready)]
+        self._next = (self._next + 1) % len(ready)
+        return ready[self._next]
+
+
+def _stable_hash(text: str) -> int:
+    """A hash that is the same in every process (``hash()`` of a str is salted per process)."""
+    value = 0
+    for byte in text.encode():
+        value = (value * 31 + byte) & 0xFFFFFFFF
+    return value

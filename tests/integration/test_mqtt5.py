@@ -276,7 +276,7 @@ def test_connack_announces_limits_and_the_real_address(v5: V5Clients, route: Rou
     assert connack["ReceiveMaximum"] == 8  # mqtt.max_inflight
     assert connack["MaximumPacketSize"] == 1024 * 1024
     assert connack["TopicAliasMaximum"] == 65535
-    assert connack["SharedSubscriptionAvailable"] == 0
+    assert connack.get("SharedSubscriptionAvailable", 1) == 1  # available (the default)
     user = dict(connack["UserProperty"])
     port = client.client.socket().getsockname()[1] if not route.websocket else None
     assert user["peername"].startswith("127.0.0.41:")
@@ -609,3 +609,42 @@ def test_what_mosquitto_pub_v5_sends_is_served(broker: BrokerProcess) -> None:
         assert out.strip() == "m5/x hi"
     finally:
         listener.kill()
+
+
+def test_shared_subscriptions_one_delivery_per_group(v5: V5Clients, route: Route, clients: Clients) -> None:
+    """$share/{name}/{filter} for MQTT 5 and 3.1.1 members alike: each message to one member of each
+    group (round robin), every message to a plain subscriber, no retained message to a share."""
+    publisher, _ = connected(v5, "share-pub")
+    publisher.publish("jobs/old", b"retained", retain=True)
+    modern, _ = connected(v5, "share-v5")
+    assert modern.subscribe("$share/workers/jobs/#", 1) == [1]
+    old = clients.new("share-v3").connect("127.0.0.1", route.broker.port("tcp:default"))
+    assert old.subscribe("$share/workers/jobs/#", 1) == [1]
+    other_group, _ = connected(v5, "share-audit")
+    assert other_group.subscribe("$share/audit/jobs/+", 1) == [1]
+    plain, _ = connected(v5, "share-plain")
+    assert plain.subscribe("jobs/#", 1) == [1]
+    assert plain.expect().payload == b"retained"  # the plain one gets the retained message...
+    for index in range(6):
+        assert publisher.publish(f"jobs/{index}", str(index).encode()) == 0
+    got_plain = sorted(plain.expect().payload for _ in range(6))
+    assert got_plain == [str(i).encode() for i in range(6)]
+    audit = sorted(other_group.expect().payload for _ in range(6))
+    assert audit == [str(i).encode() for i in range(6)]  # the only member of its group: all
+    first = [modern.expect().payload for _ in range(3)]
+    second = [old.expect().payload for _ in range(3)]
+    assert sorted(first + second) == [str(i).encode() for i in range(6)]  # each once, split evenly
+    modern.expect_nothing()  # ...a share does not (MQTT 5 4.8.2)
+    old.expect_nothing()
+    assert modern.subscribe("$share/workers/jobs/#", 1) == [1]  # re-subscribing: still no retained
+    modern.expect_nothing()
+
+
+def test_shared_subscription_strategy_is_validated(tmp_path: Path) -> None:
+    from broker.errors import ConfigError
+    from broker.settings import load_settings
+
+    with pytest.raises(
+        ConfigError, match=r"mqtt.shared_subscription_strategy: 'fastest' is not one of round_robin"
+    ):
+        load_settings({"mqtt": {"shared_subscription_strategy": "fastest"}})
