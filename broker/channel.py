@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 #: ("unacceptable protocol version") at once and closed.
 ACCEPTED_LEVELS = frozenset({4, 5})
 
+#: Topic aliases the broker sets up towards one MQTT 5 client at most (fewer if the client allows
+#: fewer): each holds a topic string for the connection's life, so the client's own maximum (up to
+#: 65535) is not taken as it is.
+MAX_OUTBOUND_ALIASES = 256
+
 #: Seconds between two log lines about the same client-caused condition (dropped messages,
 #: refused publishes): the first is logged at once, the rest are counted and summarised.
 LOG_INTERVAL = 10.0
@@ -89,6 +94,7 @@ class Channel:
         "_timer",
         "address",
         "aliases_in",
+        "aliases_out",
         "clean_start",
         "client_id",
         "closed",
@@ -152,6 +158,8 @@ class Channel:
         self.max_packet_out = 0
         self.topic_alias_maximum = 0
         self.aliases_in: dict[int, str] = {}
+        #: topic -> the alias we set up for it towards this client (MQTT 5 3.3.2.3.4)
+        self.aliases_out: dict[str, int] = {}
         self.throttle = _Throttle()
 
     def describe(self) -> str:
@@ -231,8 +239,20 @@ class Channel:
         message = delivery.message
         level = self.protocol.protocol_level
         qos = delivery.qos
-        if level == 5 and (message.properties or message.expires_at is not None or delivery.subscription_ids):
+        topic = message.topic
+        alias = 0
+        if self.topic_alias_maximum and level == 5:
+            alias = self.aliases_out.get(topic, 0)
+            if alias:
+                topic = ""  # the alias stands for it
+            elif len(self.aliases_out) < min(self.topic_alias_maximum, MAX_OUTBOUND_ALIASES):
+                alias = self.aliases_out[topic] = len(self.aliases_out) + 1
+        if level == 5 and (
+            alias or message.properties or message.expires_at is not None or delivery.subscription_ids
+        ):
             properties = dict(message.properties) if message.properties else {}
+            if alias:
+                properties["topic_alias"] = alias
             if message.expires_at is not None:  # MQTT 5 3.3.2.3.3: what is left of it
                 properties["message_expiry_interval"] = max(
                     0, math.ceil(message.expires_at - self.engine.loop.time())
@@ -240,7 +260,7 @@ class Channel:
             if delivery.subscription_ids:
                 properties["subscription_identifier"] = list(delivery.subscription_ids)
             first, rest = encode_publish_parts(
-                message.topic, message.payload, qos, delivery.retain, delivery.dup, properties, level
+                topic, message.payload, qos, delivery.retain, delivery.dup, properties, level
             )
         elif delivery.dup:
             first, rest = encode_publish_parts(

@@ -648,3 +648,25 @@ def test_shared_subscription_strategy_is_validated(tmp_path: Path) -> None:
         ConfigError, match=r"mqtt.shared_subscription_strategy: 'fastest' is not one of round_robin"
     ):
         load_settings({"mqtt": {"shared_subscription_strategy": "fastest"}})
+
+
+def test_outbound_topic_aliases_when_the_client_allows_them(broker: BrokerProcess, clients: Clients) -> None:
+    """A topic sent again goes as its alias alone (MQTT 5 3.3.2.3.4), and paho resolves it."""
+    port = broker.port("tcp:default")
+    connect_props = b"\x03\x22\x00\x05"  # Topic Alias Maximum 5
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(packet(0x10, b"\x00\x04MQTT\x05\x02\x00\x3c" + connect_props + string("v5-aliased")))
+        assert read_packet(sock)[0] == 0x20
+        sock.sendall(packet(0x82, b"\x00\x01\x00" + string("long/topic/name") + b"\x00"))
+        assert read_packet(sock)[0] == 0x90
+        publisher = clients.new("alias-pub").connect("127.0.0.1", port)
+        publisher.publish("long/topic/name", b"one", qos=1)
+        publisher.publish("long/topic/name", b"two", qos=1)
+        _, first = read_packet(sock)
+        _, second = read_packet(sock)
+    # (The properties also carry the publisher's address: publisher_address_property is set.)
+    topic = string("long/topic/name")
+    assert first.startswith(topic) and b"\x23\x00\x01" in first and first.endswith(b"one")  # topic, alias 1
+    assert (
+        second.startswith(string("")) and b"\x23\x00\x01" in second and second.endswith(b"two")
+    )  # alias alone
