@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from tests.mqtt_raw import packet, read_packet, recv_exactly, string, varint, wait_closed
 from tests.support import (
+    REPO,
     WAIT,
     BrokerProcess,
     Clients,
@@ -670,3 +671,60 @@ def test_outbound_topic_aliases_when_the_client_allows_them(broker: BrokerProces
     assert (
         second.startswith(string("")) and b"\x23\x00\x01" in second and second.endswith(b"two")
     )  # alias alone
+
+
+def mqttjs() -> str:
+    """MQTT.js's command line (scripts/install-peers.sh puts it in .peers/)."""
+    path = REPO / ".peers" / "mqttjs" / "node_modules" / ".bin" / "mqtt"
+    if not path.exists():
+        require_binary(str(path))  # skips, or fails under REQUIRE_E2E=1, with the install hint
+    return str(path)
+
+
+def test_mqttjs_v5_subscriber_and_publisher(route: Route) -> None:
+    """MQTT.js with protocolVersion 5 (another stack's MQTT 5 client) publishes and subscribes through each route."""
+    cli = mqttjs()
+    transport = ["-l", "ws", "--path", "/mqtt"] if route.websocket else []
+    # The CLI hands unknown options to mqtt.connect(): --protocolVersion 5 is MQTT 5.
+    common = ["-h", "127.0.0.1", "-p", str(route.port), "--protocolVersion", "5", *transport]
+    listener = subprocess.Popen(
+        [cli, "sub", *common, "-t", "js/#", "-q", "1", "-i", "js-sub", "-v"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: ctl(route.broker, "clients", "show", "js-sub").returncode == 0, what="MQTT.js")
+        info = client_info(route.broker, "js-sub")
+        assert (info["proto_ver"], info["proxy_address"]) == (5, route.proxy)
+        subprocess.run(
+            [cli, "pub", *common, "-t", "js/x", "-m", "from mqtt.js", "-q", "1", "-i", "js-pub"],
+            check=True,
+            timeout=WAIT,
+            capture_output=True,
+        )
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "js/x from mqtt.js"
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_server_keepalive_and_response_information(start_broker: BrokerFactory) -> None:
+    broker = start_broker(
+        broker_config(
+            tcp={"default": listener_config()},
+            mqtt={"server_keepalive": 20, "response_information": "replies/"},
+        ),
+        log_level="info",
+    )
+    made = V5Clients(Route(broker, broker.port("tcp:default")))
+    try:
+        _, connack = connected(made, "v5-ka", keepalive=300, RequestResponseInformation=1)
+        assert connack["ServerKeepAlive"] == 20
+        assert connack["ResponseInformation"] == "replies/"
+        assert client_info(broker, "v5-ka")["keepalive"] == 20  # the broker's value is the one enforced
+        _, connack = connected(made, "v5-no-ask")
+        assert "ResponseInformation" not in connack  # only when asked
+    finally:
+        made.close_all()
