@@ -12,12 +12,14 @@ No task runs per connection, per packet or per delivery; timers are ``call_at`` 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from broker.core.session import Delivery, Message
+from broker.core.session import Delivery
 from broker.mqtt import packets as mp
+from broker.mqtt import reasons
 from broker.mqtt.codec import encode_publish_parts
 from broker.mqtt.protocol import MqttServerProtocol
 
@@ -31,13 +33,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The protocol levels served until MQTT 5 semantics land: 3.1.1 only. MQTT 3.1 and 5.0 CONNECTs
-#: are answered CONNACK 1 ("unacceptable protocol version") at once and closed.
-ACCEPTED_LEVELS = frozenset({4})
+#: The protocol levels served: MQTT 3.1.1 and 5.0. An MQTT 3.1 CONNECT is answered CONNACK 1
+#: ("unacceptable protocol version") at once and closed.
+ACCEPTED_LEVELS = frozenset({4, 5})
+
+#: Topic aliases the broker sets up towards one MQTT 5 client at most (fewer if the client allows
+#: fewer): each holds a topic string for the connection's life, so the client's own maximum (up to
+#: 65535) is not taken as it is.
+MAX_OUTBOUND_ALIASES = 256
 
 #: Seconds between two log lines about the same client-caused condition (dropped messages,
 #: refused publishes): the first is logged at once, the rest are counted and summarised.
 LOG_INTERVAL = 10.0
+
+
+#: The DISCONNECT reason code an MQTT 5 client is sent when the broker ends its connection.
+_DISCONNECT_CODES = {
+    "takeover": reasons.SESSION_TAKEN_OVER,
+    "kicked": reasons.ADMINISTRATIVE_ACTION,
+    "banned": reasons.ADMINISTRATIVE_ACTION,
+    "shutdown": reasons.SERVER_SHUTTING_DOWN,
+    "keepalive_timeout": reasons.KEEP_ALIVE_TIMEOUT,
+}
 
 
 class ChannelState(Enum):
@@ -76,6 +93,8 @@ class Channel:
     __slots__ = (
         "_timer",
         "address",
+        "aliases_in",
+        "aliases_out",
         "clean_start",
         "client_id",
         "closed",
@@ -87,13 +106,17 @@ class Channel:
         "last_received",
         "link",
         "listener_id",
+        "max_packet_out",
         "paused",
+        "problem_info",
         "protocol",
+        "receive_maximum",
         "retained",
         "rules",
         "session",
         "state",
         "throttle",
+        "topic_alias_maximum",
         "username",
         "will",
     )
@@ -126,8 +149,17 @@ class Channel:
         self._timer: asyncio.TimerHandle | None = engine.loop.call_at(
             self.last_received + engine.settings.idle_timeout, self._connect_timeout
         )
-        #: Retained messages still to send for new subscriptions: (matches, granted QoS).
-        self.retained: list[tuple[Any, int]] = []
+        #: Retained messages still to send for new subscriptions: (matches, granted QoS, sub id).
+        self.retained: list[tuple[Any, int, int]] = []
+        #: MQTT 5 (set at CONNECT): whether refusals may carry reason strings; the client's
+        #: Receive Maximum, Maximum Packet Size (0: none) and Topic Alias Maximum; its aliases.
+        self.problem_info = True
+        self.receive_maximum = 65535
+        self.max_packet_out = 0
+        self.topic_alias_maximum = 0
+        self.aliases_in: dict[int, str] = {}
+        #: topic -> the alias we set up for it towards this client (MQTT 5 3.3.2.3.4)
+        self.aliases_out: dict[str, int] = {}
         self.throttle = _Throttle()
 
     def describe(self) -> str:
@@ -185,7 +217,7 @@ class Channel:
         session = self.session
         if session is not None and self.state is ChannelState.CONNECTED:
             session.writable = True
-            self.send_deliveries(session.drain())
+            self.send_deliveries(session.drain(self.engine.loop.time()))
             self.engine.pump_retained(self)
 
     # ------------------------------------------------------------------ sending
@@ -197,29 +229,61 @@ class Channel:
 
     def send_delivery(self, delivery: Delivery) -> None:
         """Put one delivery on the wire (at the next flush): its PUBLISH, or its PUBREL once
-        PUBREC'd. The encoded packet is cached on the message, shared by every subscriber."""
+        PUBREC'd. The encoded packet is cached on the message, shared by every subscriber, unless
+        this delivery has properties of its own (MQTT 5 subscription identifiers, the remaining
+        message expiry)."""
         if delivery.released:
             self.protocol.send(mp.Pubrel(delivery.packet_id))
-        else:
-            message = delivery.message
-            level = self.protocol.protocol_level
-            if delivery.dup:
-                first, rest = encode_publish_parts(
-                    message.topic, message.payload, delivery.qos, delivery.retain, True, None, level
+            self.engine.mark_dirty(self)
+            return
+        message = delivery.message
+        level = self.protocol.protocol_level
+        qos = delivery.qos
+        topic = message.topic
+        alias = 0
+        if self.topic_alias_maximum and level == 5:
+            alias = self.aliases_out.get(topic, 0)
+            if alias:
+                topic = ""  # the alias stands for it
+            elif len(self.aliases_out) < min(self.topic_alias_maximum, MAX_OUTBOUND_ALIASES):
+                alias = self.aliases_out[topic] = len(self.aliases_out) + 1
+        if level == 5 and (
+            alias or message.properties or message.expires_at is not None or delivery.subscription_ids
+        ):
+            properties = dict(message.properties) if message.properties else {}
+            if alias:
+                properties["topic_alias"] = alias
+            if message.expires_at is not None:  # MQTT 5 3.3.2.3.3: what is left of it
+                properties["message_expiry_interval"] = max(
+                    0, math.ceil(message.expires_at - self.engine.loop.time())
                 )
-            else:
-                key = (level, delivery.qos, delivery.retain)
-                parts = message.encoded.get(key)
-                if parts is None:
-                    parts = message.encoded[key] = encode_publish_parts(
-                        message.topic, message.payload, delivery.qos, delivery.retain, False, None, level
-                    )
-                first, rest = parts
-            if delivery.qos:
-                self.protocol.send_raw(first, delivery.packet_id.to_bytes(2, "big"), rest)
-            else:
-                self.protocol.send_raw(first, rest)
-            self.engine.counters.sent += 1
+            if delivery.subscription_ids:
+                properties["subscription_identifier"] = list(delivery.subscription_ids)
+            first, rest = encode_publish_parts(
+                topic, message.payload, qos, delivery.retain, delivery.dup, properties, level
+            )
+        elif delivery.dup:
+            first, rest = encode_publish_parts(
+                message.topic, message.payload, qos, delivery.retain, True, None, level
+            )
+        else:
+            key = (level, qos, delivery.retain)
+            parts = message.encoded.get(key)
+            if parts is None:
+                parts = message.encoded[key] = encode_publish_parts(
+                    message.topic, message.payload, qos, delivery.retain, False, None, level
+                )
+            first, rest = parts
+        if self.max_packet_out and len(first) + len(rest) + (2 if qos else 0) > self.max_packet_out:
+            # [MQTT-3.1.2-24 (MQTT 5)] never a packet above the client's Maximum Packet Size.
+            if self.session is not None:
+                self.session.abandon(delivery, "too_large")
+            return
+        if qos:
+            self.protocol.send_raw(first, delivery.packet_id.to_bytes(2, "big"), rest)
+        else:
+            self.protocol.send_raw(first, rest)
+        self.engine.counters.sent += 1
         self.engine.mark_dirty(self)
 
     def send_deliveries(self, deliveries: list[Delivery]) -> None:
@@ -242,6 +306,9 @@ class Channel:
         if self.end_reason is None:
             self.end_reason = reason
         was_connected = self.session is not None
+        code = _DISCONNECT_CODES.get(self.end_reason)
+        if was_connected and code is not None and self.protocol.protocol_level == 5:
+            self.protocol.disconnect(code)
         self.state = ChannelState.CLOSED
         self.closed = True
         self._cancel_timer()
@@ -315,39 +382,91 @@ class Channel:
         engine = self.engine
         engine.counters.received += 1
         qos = packet.qos
-        if qos == 2:
-            fresh = session.receive_qos2(
-                packet.packet_id or 0, engine.loop.time(), engine.settings.await_rel_timeout
-            )
-            if fresh is None:
-                logger.warning(
-                    "%s has %d QoS 2 messages awaiting PUBREL (mqtt.max_awaiting_rel); closing",
-                    self.describe(),
-                    session.max_awaiting_rel,
-                )
-                engine.counters.dropped["awaiting_rel_full"] += 1
-                self.close("protocol_error")
-                return
-            self.protocol.send(mp.Pubrec(packet.packet_id or 0))
-            engine.mark_dirty(self)
-            if not fresh:
-                return  # a re-send of one already routed [MQTT-4.3.3-2]
+        packet_id = packet.packet_id or 0
         topic = packet.topic
+        properties = packet.properties
+        v5 = self.protocol.protocol_level == 5
+        if v5 and properties:
+            topic = self._resolve_alias(topic, properties)
+            if not topic:
+                return
+            if "subscription_identifier" in properties:
+                self._violation(
+                    reasons.PROTOCOL_ERROR, "sent a Subscription Identifier in a PUBLISH [MQTT-3.3.4-6]"
+                )
+                return
+        if qos == 2:
+            fresh = session.receive_qos2(packet_id, engine.loop.time(), engine.settings.await_rel_timeout)
+            if fresh is None:
+                engine.counters.dropped["awaiting_rel_full"] += 1
+                if v5:  # we announced it as our Receive Maximum
+                    self._violation(
+                        reasons.RECEIVE_MAXIMUM_EXCEEDED,
+                        f"has {session.max_awaiting_rel} QoS 2 messages awaiting PUBREL (Receive Maximum)",
+                    )
+                else:
+                    self._violation(
+                        0,
+                        f"has {session.max_awaiting_rel} QoS 2 messages awaiting PUBREL "
+                        "(mqtt.max_awaiting_rel)",
+                    )
+                return
+            if not fresh:  # a re-send of one already routed [MQTT-4.3.3-2]
+                self.send(mp.Pubrec(packet_id))
+                return
+        code = reasons.SUCCESS
         if engine.accepts_publish(self, topic):
-            message = Message(topic, packet.payload, qos, packet.retain, self.client_id)
-            engine.route(message)
+            message = engine.make_message(
+                self, topic, packet.payload, qos, packet.retain, dict(properties) if properties else None
+            )
+            if not engine.route(message):
+                code = reasons.NO_MATCHING_SUBSCRIBERS
             if packet.retain:
                 engine.retain(message, self)
-        if self.closed:
+        else:
+            code = reasons.NOT_AUTHORIZED
+        if self.closed or not qos:
             return
-        if qos == 1:
-            self.protocol.send(mp.Puback(packet.packet_id or 0))
-            engine.mark_dirty(self)
+        if not v5:
+            code = 0
+        elif qos == 2 and code >= 0x80:
+            session.release(packet_id)  # a refusing PUBREC ends the flow: no PUBREL follows
+        self.send(mp.Puback(packet_id, code) if qos == 1 else mp.Pubrec(packet_id, code))
+
+    def _resolve_alias(self, topic: str, properties: dict[str, Any]) -> str:
+        """MQTT 5 3.3.2.3.4: the topic of a PUBLISH using a Topic Alias ("" after a violation)."""
+        alias = properties.get("topic_alias")
+        if alias is None:
+            return topic
+        limit = self.engine.settings.max_topic_alias
+        if not 0 < alias <= limit:
+            self._violation(
+                reasons.TOPIC_ALIAS_INVALID, f"used topic alias {alias} (mqtt.max_topic_alias {limit})"
+            )
+            return ""
+        if topic:
+            self.aliases_in[alias] = topic  # at most max_topic_alias entries
+            return topic
+        known = self.aliases_in.get(alias)
+        if known is None:
+            self._violation(reasons.PROTOCOL_ERROR, f"used topic alias {alias} before setting it")
+            return ""
+        return known
+
+    def _violation(self, code: int, what: str) -> None:
+        """The client broke a rule the decoder cannot see: log, DISCONNECT (MQTT 5), close."""
+        logger.warning("%s %s; closing", self.describe(), what)
+        if code:
+            self.protocol.disconnect(code)
+        self.close("protocol_error")
 
     def _on_puback(self, packet: mp.Puback) -> None:
         self._acknowledged(packet.packet_id, "puback")
 
     def _on_pubrec(self, packet: mp.Pubrec) -> None:
+        if packet.reason_code >= 0x80:  # MQTT 5: the client refused it; the delivery ends here
+            self._acknowledged(packet.packet_id, "pubrec_error")
+            return
         session = self.session
         if session is not None and session.acknowledge(packet.packet_id, "pubrec"):
             self.send(mp.Pubrel(packet.packet_id))
@@ -359,7 +478,7 @@ class Channel:
         session = self.session
         if session is not None and session.acknowledge(packet_id, stage):
             if session.queue:
-                self.send_deliveries(session.drain())
+                self.send_deliveries(session.drain(self.engine.loop.time()))
             if self.retained:
                 self.engine.pump_retained(self)
 
@@ -380,13 +499,25 @@ class Channel:
         self.send(mp.Pingresp())
 
     def _on_disconnect(self, packet: mp.Disconnect) -> None:
+        if self.protocol.protocol_level == 5:
+            expiry = packet.properties.get("session_expiry_interval")
+            if expiry is not None:
+                if self.session is not None and self.session.expiry_interval == 0 and expiry:
+                    self._violation(
+                        reasons.PROTOCOL_ERROR, "set a session expiry at DISCONNECT after 0 [MQTT-3.14.2-2]"
+                    )
+                    return
+                self.engine.set_session_expiry(self, float(expiry))
+            if packet.reason_code == reasons.DISCONNECT_WITH_WILL_MESSAGE:
+                self.close("disconnect_with_will")
+                return
         self.will = None  # [MQTT-3.1.2-10] a clean DISCONNECT discards the will
         self.close("client_disconnect")
 
     def _on_unexpected(self, packet: mp.Packet) -> None:
-        # The protocol already refuses what a client may never send; AUTH has no meaning at 3.1.1.
-        logger.warning("%s sent an unexpected %s; closing", self.describe(), type(packet).__name__)
-        self.close("protocol_error")
+        # The protocol already refuses what a client may never send; AUTH without an
+        # authentication method at CONNECT (the only kind admitted) is a protocol error.
+        self._violation(reasons.PROTOCOL_ERROR, f"sent an unexpected {type(packet).__name__}")
 
 
 _HANDLERS: dict[type[Any], Any] = {

@@ -139,6 +139,9 @@ def client_line(client: dict[str, Any]) -> str:
     if "subscriptions" in client:
         dropped = client.get("dropped") or {}
         parts += [
+            f"expiry_interval={client['session_expiry_interval']:g}",
+            f"receive_maximum={client['receive_maximum']}",
+            f"topic_alias_maximum={client['topic_alias_maximum']}",
             f"subscriptions={client['subscriptions']}",
             f"inflight={client['inflight']}",
             f"mqueue_len={client['mqueue_len']}",

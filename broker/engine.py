@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from broker.access import Gatekeeper, Refusal
 from broker.authorization import Authorizer, ClientRules
 from broker.channel import Channel, ChannelState
-from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session
+from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
 from broker.core.topics import RetainedStore, SubscriptionTrie
 from broker.metrics import MessageCounters
 from broker.mqtt import packets as mp
@@ -74,6 +75,11 @@ class SessionView:
     inflight: int = 0
     queued: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    #: Seconds the session outlives the connection; the client's Receive Maximum and Topic Alias
+    #: Maximum (MQTT 5; 65535 and 0 for MQTT 3.1.1).
+    expiry_interval: float = 0.0
+    receive_maximum: int = 65535
+    topic_alias_maximum: int = 0
 
 
 class EngineHooks(Protocol):
@@ -118,6 +124,11 @@ class EngineSession(Session):
         self.channel: Channel | None = None
         self.rules: ClientRules | None = None
         self.expiry: asyncio.TimerHandle | None = None
+        #: Seconds the session outlives its connection (0: it ends with it).
+        self.expiry_interval = 0.0
+        #: MQTT 5: a will waiting for its Will Delay Interval, and its timer.
+        self.pending_will: Message | None = None
+        self.will_timer: asyncio.TimerHandle | None = None
         #: When a drop was last logged, and how many went unlogged since.
         self.drop_logged = -1e9
         self.drops_unlogged = 0
@@ -146,9 +157,14 @@ class Engine:
         self._connected: dict[str, Channel] = {}
         #: every open connection, CONNECTed or not (shutdown closes them all)
         self._channels: set[Channel] = set()
-        self._subscriptions: SubscriptionTrie[str, int] = SubscriptionTrie()
-        #: topic -> [(client id, best granted QoS)]: what the trie and the merge gave last time
-        self._routes: dict[str, list[tuple[str, int]]] = {}
+        self._subscriptions: SubscriptionTrie[str | SharedGroup, SubOptions | SharedGroup] = (
+            SubscriptionTrie()
+        )
+        #: (share name, filter) -> its group, for ``$share/{name}/{filter}`` subscriptions
+        self._groups: dict[tuple[str, str], SharedGroup] = {}
+        #: topic -> ([(client id, options of its matching subscriptions)], [shared groups]): the
+        #: trie's answer, grouped
+        self._routes: dict[str, tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]]] = {}
         self._retained: RetainedStore[Message] = RetainedStore()
         self._dirty: list[Channel] = []
         self._flush_scheduled = False
@@ -209,9 +225,20 @@ class Engine:
 
     def admit(self, channel: Channel, connect: mp.Connect) -> None:
         """Decide a CONNECT, then attach the connection to its session and answer CONNACK."""
+        settings = self.settings
+        v5 = connect.proto_level == 5
+        props = connect.properties
+        channel.problem_info = not v5 or props.get("request_problem_information", 1) == 1
         client_id = connect.client_id
+        assigned = False
+        if v5 and "authentication_method" in props:
+            # Enhanced authentication (AUTH packets) is not offered: no method is known.
+            method = props["authentication_method"]
+            unknown = Refusal("auth_method", f"authentication method {method!r} is not supported")
+            self._refuse(channel, connect, unknown, reasons.BAD_AUTHENTICATION_METHOD)
+            return
         if not client_id:
-            if not connect.clean_start:
+            if not connect.clean_start and not v5:
                 self._refuse(
                     channel,
                     connect,
@@ -220,8 +247,9 @@ class Engine:
                 )
                 return
             client_id = f"auto-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6] the server assigns one
-        elif len(client_id) > self.settings.max_clientid_len:
-            limit = self.settings.max_clientid_len
+            assigned = True
+        elif len(client_id) > settings.max_clientid_len:
+            limit = settings.max_clientid_len
             message = f"client id of {len(client_id)} characters (mqtt.max_clientid_len {limit})"
             self._refuse(channel, connect, Refusal("client_id", message), reasons.CLIENT_IDENTIFIER_NOT_VALID)
             return
@@ -239,11 +267,19 @@ class Engine:
         if refusal is None and connect.will is not None:
             refusal = self._check_will(connect.will.topic, rules)
         if refusal is not None:
-            self._refuse(
-                channel, connect, refusal, reasons.NOT_AUTHORIZED, client_id=client_id, username=username
-            )
+            code = reasons.BANNED if refusal.reason == "banned" and v5 else reasons.NOT_AUTHORIZED
+            self._refuse(channel, connect, refusal, code, client_id=client_id, username=username)
             return
-        session, present = self._take_session(client_id, persistent=not connect.clean_start)
+        # Session expiry: MQTT 3.1.1 persistent sessions last mqtt.session_expiry_interval; an
+        # MQTT 5 client asks for its own, capped at it (and told so in CONNACK) [MQTT-3.1.2-23].
+        maximum = settings.session_expiry_interval
+        requested = (
+            float(props.get("session_expiry_interval", 0))
+            if v5
+            else (0.0 if connect.clean_start else maximum)
+        )
+        expiry = min(requested, maximum)
+        session, present = self._take_session(client_id, clean_start=connect.clean_start, expiry=expiry)
         channel.state = ChannelState.CONNECTED
         channel.client_id = client_id
         channel.username = username
@@ -252,15 +288,37 @@ class Engine:
         channel.will = connect.will
         channel.rules = rules
         channel.session = session
+        receive_maximum = int(props.get("receive_maximum", 65535)) if v5 else 65535
+        channel.receive_maximum = receive_maximum
+        channel.max_packet_out = int(props.get("maximum_packet_size", 0)) if v5 else 0
+        channel.topic_alias_maximum = int(props.get("topic_alias_maximum", 0)) if v5 else 0
         session.channel = channel
         session.rules = rules
         session.online = True
         session.writable = not channel.paused
+        # [MQTT-3.3.4-9] never more unacknowledged deliveries than the client's Receive Maximum.
+        session.max_inflight = min(settings.max_inflight, receive_maximum)
+        # Ours, announced as Receive Maximum, bounds the client's unreleased QoS 2 (0x93 beyond).
+        session.max_awaiting_rel = (
+            min(settings.max_awaiting_rel, settings.max_inflight) if v5 else settings.max_awaiting_rel
+        )
         self._connected[client_id] = channel
-        if present and rules is not None:
-            # Queued for the session's previous connection, maybe from another address.
-            session.filter_pending(lambda message: rules.allows("subscribe", message.topic))
-        channel.send(mp.Connack(present, 0))  # [MQTT-3.2.2-2] session present
+        if present:
+            if session.will_timer is not None:  # MQTT 5 3.1.3.2.2: a reconnect cancels a delayed will
+                session.will_timer.cancel()
+                session.will_timer = None
+                session.pending_will = None
+            if rules is not None:
+                # Queued for the session's previous connection, maybe from another address.
+                session.filter_pending(lambda message: rules.allows("subscribe", message.topic))
+        connack: dict[str, Any] = {}
+        if v5:
+            connack = self._connack_properties(
+                channel, props, requested, expiry, client_id if assigned else None
+            )
+            if settings.server_keepalive:
+                channel.keepalive = settings.server_keepalive
+        channel.send(mp.Connack(present, 0, connack))  # [MQTT-3.2.2-2] session present
         channel.connected_at = time.time()
         logger.info("%s connected", channel.describe())
         self._hooks.connected(self._view(channel, session))
@@ -272,7 +330,35 @@ class Engine:
             for packet_id in session.awaiting_rel:
                 channel.send(mp.Pubrec(packet_id))
             channel.send_deliveries(session.resend())
-            channel.send_deliveries(session.drain())
+            channel.send_deliveries(session.drain(self.loop.time()))
+
+    def _connack_properties(
+        self,
+        channel: Channel,
+        props: dict[str, Any],
+        requested: float,
+        expiry: float,
+        assigned: str | None,
+    ) -> dict[str, Any]:
+        """What an MQTT 5 CONNACK tells the client of this broker's limits (3.2.2.3)."""
+        settings = self.settings
+        out: dict[str, Any] = {
+            "receive_maximum": settings.max_inflight,
+            "maximum_packet_size": settings.max_packet_size,
+            "topic_alias_maximum": settings.max_topic_alias,
+        }
+        if expiry != requested:
+            out["session_expiry_interval"] = int(expiry)
+        if assigned is not None:
+            out["assigned_client_identifier"] = assigned
+        if settings.server_keepalive:
+            out["server_keep_alive"] = settings.server_keepalive
+        if props.get("request_response_information") == 1 and settings.response_information:
+            out["response_information"] = settings.response_information
+        if settings.peer_in_connack:
+            address = channel.address
+            out["user_property"] = [("peername", address.peername), ("address_source", str(address.source))]
+        return out
 
     def _refuse(
         self,
@@ -291,8 +377,13 @@ class Engine:
         )
         self.counters.refused[refusal.reason] += 1
         self._hooks.refused(channel.listener_id, channel.address, refusal.reason, client_id, username)
-        # [MQTT-3.2.2-4] a refusing CONNACK has session present 0; then close [MQTT-3.2.2-5].
-        channel.protocol.refuse(code)
+        # [MQTT-3.2.2-4] a refusing CONNACK has session present 0; then close [MQTT-3.2.2-5]. An
+        # MQTT 5 client that allows it is told why, with the address the decision was made on.
+        properties = None
+        if channel.problem_info and connect.proto_level == 5:
+            why = f"{refusal.message} [{refusal.reason}] (client {channel.address.peername})"
+            properties = {"reason_string": why}
+        channel.protocol.refuse(code, properties)
         channel.close("refused")
 
     def _check_will(self, topic: str, rules: ClientRules | None) -> Refusal | None:
@@ -305,25 +396,37 @@ class Engine:
             return Refusal("will_topic", f"may not publish its will to {topic!r} (authorization rules)")
         return None
 
-    def _take_session(self, client_id: str, *, persistent: bool) -> tuple[EngineSession, bool]:
+    def _take_session(
+        self, client_id: str, *, clean_start: bool, expiry: float
+    ) -> tuple[EngineSession, bool]:
         """The session an admitted CONNECT continues (True) or starts (False)."""
         existing = self._sessions.get(client_id)
         if existing is not None and existing.channel is not None:
             logger.info("client %r connected again: closing its previous connection", client_id)
             existing.channel.close("takeover")
             existing = self._sessions.get(client_id)
-        if existing is not None and not persistent:
+        if existing is not None and clean_start:
             self._discard(existing)  # [MQTT-3.1.2-6] a clean session starts afresh
             existing = None
         if existing is not None:
             if existing.expiry is not None:
                 existing.expiry.cancel()
                 existing.expiry = None
+            existing.expiry_interval = expiry
+            existing.persistent = expiry > 0
             return existing, True
-        session = EngineSession(client_id, self.settings, persistent=persistent)
+        session = EngineSession(client_id, self.settings, persistent=expiry > 0)
+        session.expiry_interval = expiry
         session.on_drop = lambda reason, delivery: self._dropped(session, reason, delivery)
         self._sessions[client_id] = session
         return session, False
+
+    def set_session_expiry(self, channel: Channel, seconds: float) -> None:
+        """MQTT 5 DISCONNECT changed the session's expiry interval (capped as at CONNECT)."""
+        session = channel.session
+        if session is not None:
+            session.expiry_interval = min(seconds, self.settings.session_expiry_interval)
+            session.persistent = session.expiry_interval > 0
 
     def detach(self, channel: Channel, reason: str) -> None:
         """A connected channel ended: publish its will unless it said goodbye, keep or discard its
@@ -340,32 +443,54 @@ class Engine:
             del self._connected[channel.client_id]
         will, channel.will = channel.will, None
         if will is not None and reason not in ("client_disconnect", "shutdown"):
-            message = Message(will.topic, will.payload, will.qos, will.retain, channel.client_id)
-            self.route(message)
-            if will.retain:
-                self.retain(message, None)
+            message = self.make_message(
+                channel, will.topic, will.payload, will.qos, will.retain, dict(will.properties)
+            )
+            delay = float(will.properties.get("will_delay_interval", 0))
+            delay = min(delay, session.expiry_interval) if session.persistent else 0.0
+            if delay > 0:
+                # MQTT 5 3.1.3.2.2: published after the delay, or when the session ends if sooner,
+                # unless the client reconnects first.
+                session.pending_will = message
+                session.will_timer = self.loop.call_later(delay, self._publish_will, session)
+            else:
+                self.publish(message)
         if not session.persistent:
             self._discard(session)
         elif self._sessions.get(session.client_id) is session:
-            session.expiry = self.loop.call_later(
-                self.settings.session_expiry_interval, self._expire, session
-            )
+            session.expiry = self.loop.call_later(session.expiry_interval, self._expire, session)
         self.counters.disconnected[reason] += 1
         logger.info("%s disconnected (%s)", channel.describe(), reason)
         self._hooks.disconnected(view, reason)
+
+    def _publish_will(self, session: EngineSession) -> None:
+        session.will_timer = None
+        message, session.pending_will = session.pending_will, None
+        if message is not None:
+            self.publish(message)
+
+    def publish(self, message: Message) -> int:
+        """Route a message and keep it if it is retained; returns the sessions it went to."""
+        count = self.route(message)
+        if message.retain:
+            self.retain(message, None)
+        return count
 
     def _expire(self, session: EngineSession) -> None:
         session.expiry = None
         if session.channel is None and self._sessions.get(session.client_id) is session:
             logger.info(
-                "session of client %r expired (mqtt.session_expiry_interval %gs); %d queued messages dropped",
+                "session of client %r expired (session expiry interval %gs); %d queued messages dropped",
                 session.client_id,
-                self.settings.session_expiry_interval,
+                session.expiry_interval,
                 len(session.queue) + len(session.inflight),
             )
             self._discard(session)
 
     def _discard(self, session: EngineSession) -> None:
+        if session.will_timer is not None:  # the session ends: a delayed will goes now
+            session.will_timer.cancel()
+            self._publish_will(session)
         for topic_filter in session.subscriptions:
             self._unsubscribed(session, topic_filter)
         session.discard()
@@ -416,49 +541,152 @@ class Engine:
             return False
         return True
 
-    def route(self, message: Message) -> None:
+    def make_message(  # noqa: PLR0917 - a PUBLISH's fields, in its order
+        self,
+        channel: Channel,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: dict[str, Any] | None,
+    ) -> Message:
+        """The message a client publishes (or its will): MQTT 5 properties to forward, its expiry,
+        and, with ``mqtt.publisher_address_property``, the publisher's real address as a user
+        property (any client-supplied one of that name removed first, so it cannot be forged)."""
+        expires_at = None
+        if properties:
+            properties.pop("topic_alias", None)  # per connection, never forwarded
+            properties.pop("will_delay_interval", None)
+            interval = properties.pop("message_expiry_interval", None)
+            if interval is not None:
+                expires_at = self.loop.time() + interval
+        name = self.settings.publisher_address_property
+        if name:
+            properties = properties or {}
+            user = [pair for pair in properties.get("user_property", ()) if pair[0] != name]
+            user.append((name, channel.address.peername))
+            properties["user_property"] = user
+        return Message(topic, payload, qos, retain, channel.client_id, properties or None, expires_at)
+
+    def route(self, message: Message) -> int:
         """Deliver a message to every matching subscriber: one copy per client, at
         min(publish QoS, the highest QoS of its matching subscriptions) [MQTT-3.3.5-1] (or the
-        subscription's QoS with ``upgrade_qos``), only topics its rules let it receive."""
+        subscription's QoS with ``upgrade_qos``), with the identifiers of every subscription it
+        matched (MQTT 5 3.3.4), never back to its publisher through a No Local subscription
+        [MQTT-3.8.3-3], and only topics the subscriber's rules let it receive. Returns how many
+        sessions it went to."""
         topic = message.topic
-        targets = self._routes.get(topic)
-        if targets is None:
-            targets = self._targets(topic)
+        cached = self._routes.get(topic)
+        targets, groups = self._targets(topic) if cached is None else cached
+        count = self._route_shared(message, groups) if groups else 0
         if not targets:
-            return
+            return count
         upgrade = self.settings.upgrade_qos
         sessions = self._sessions
-        for client_id, granted in targets:
+        publisher = message.publisher
+        for client_id, options in targets:
+            if len(options) == 1:
+                option = options[0]
+                if option.no_local and client_id == publisher:
+                    continue
+                granted = option.qos
+                as_published = option.retain_as_published
+                ids: tuple[int, ...] = (option.identifier,) if option.identifier else ()
+            else:
+                chosen = [o for o in options if not (o.no_local and client_id == publisher)]
+                if not chosen:
+                    continue
+                granted = max(o.qos for o in chosen)
+                as_published = any(o.retain_as_published for o in chosen)
+                ids = tuple(o.identifier for o in chosen if o.identifier)
             session = sessions[client_id]
             rules = session.rules
             if rules is not None and not rules.allows("subscribe", topic):
                 self.counters.dropped[NOT_AUTHORIZED] += 1
                 session.drops[NOT_AUTHORIZED] += 1
                 continue
+            count += 1
             qos = granted if upgrade or granted < message.qos else message.qos
-            delivery = session.deliver(Delivery(message, qos))
+            # [MQTT-3.3.1-9] RETAIN=0 on normal deliveries, unless Retain As Published (MQTT 5).
+            delivery = session.deliver(Delivery(message, qos, message.retain and as_published, ids))
             if delivery is not None and session.channel is not None:
                 session.channel.send_delivery(delivery)
+        return count
 
-    def _targets(self, topic: str) -> list[tuple[str, int]]:
-        """Who gets ``topic``, one entry per client at its best granted QoS; cached."""
-        best: dict[str, int] = {}
-        for client_id, granted in self._subscriptions.match(topic):
-            if granted > best.get(client_id, -1):
-                best[client_id] = granted
+    def _route_shared(self, message: Message, groups: list[SharedGroup]) -> int:
+        """One delivery per shared subscription group (MQTT 5 4.8.2), to the member the strategy
+        picks (``mqtt.shared_subscription_strategy``), preferring connected, writable members."""
+        sessions = self._sessions
+        strategy = self.settings.shared_subscription_strategy
+
+        def available(client_id: str) -> bool:
+            return sessions[client_id].writable
+
+        count = 0
+        for group in groups:
+            chance = random.random()  # noqa: S311 - spreading load, not a secret
+            member = group.pick(strategy, message.publisher, message.topic, available, chance)
+            if member is None:
+                continue
+            session = sessions[member]
+            rules = session.rules
+            if rules is not None and not rules.allows("subscribe", message.topic):
+                self.counters.dropped[NOT_AUTHORIZED] += 1
+                session.drops[NOT_AUTHORIZED] += 1
+                continue
+            options = group.members[member]
+            qos = options.qos if self.settings.upgrade_qos or options.qos < message.qos else message.qos
+            ids = (options.identifier,) if options.identifier else ()
+            retain = message.retain and options.retain_as_published
+            delivery = session.deliver(Delivery(message, qos, retain, ids))
+            count += 1
+            if delivery is not None and session.channel is not None:
+                session.channel.send_delivery(delivery)
+        return count
+
+    def _targets(self, topic: str) -> tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]]:
+        """Who gets ``topic``: each client with the options of its matching subscriptions, and the
+        shared groups that match; cached until a subscription changes."""
+        grouped: dict[str, list[SubOptions]] = {}
+        groups: list[SharedGroup] = []
+        for key, options in self._subscriptions.match(topic):
+            if isinstance(options, SharedGroup):
+                groups.append(options)
+            elif isinstance(key, str):
+                grouped.setdefault(key, []).append(options)
         routes = self._routes
         if len(routes) >= ROUTE_CACHE_SIZE:
             routes.clear()
-        targets = routes[topic] = list(best.items())
-        return targets
+        entry = routes[topic] = (
+            [(client_id, tuple(options)) for client_id, options in grouped.items()],
+            groups,
+        )
+        return entry
 
-    def _subscribed(self, session: EngineSession, topic_filter: str, qos: int) -> None:
-        session.subscriptions[topic_filter] = qos
-        self._subscriptions.add(topic_filter, session.client_id, qos)
+    def _subscribed(self, session: EngineSession, topic_filter: str, options: SubOptions) -> None:
+        session.subscriptions[topic_filter] = options
+        shared = _shared(topic_filter)
+        if shared is None:
+            self._subscriptions.add(topic_filter, session.client_id, options)
+        else:
+            group = self._groups.get(shared)
+            if group is None:
+                group = self._groups[shared] = SharedGroup(*shared)
+                self._subscriptions.add(shared[1], group, group)
+            group.members[session.client_id] = options
         self._routes.clear()
 
     def _unsubscribed(self, session: EngineSession, topic_filter: str) -> None:
-        self._subscriptions.remove(topic_filter, session.client_id)
+        shared = _shared(topic_filter)
+        if shared is None:
+            self._subscriptions.remove(topic_filter, session.client_id)
+        else:
+            group = self._groups.get(shared)
+            if group is not None:
+                group.members.pop(session.client_id, None)
+                if not group.members:
+                    del self._groups[shared]
+                    self._subscriptions.remove(shared[1], group)
         self._routes.clear()
 
     def retain(self, message: Message, channel: Channel | None) -> None:
@@ -486,23 +714,29 @@ class Engine:
 
     def subscribe(self, channel: Channel, packet: mp.Subscribe) -> None:
         """Grant or refuse each filter (SUBACK), then send the retained messages of those granted
-        [MQTT-3.3.1-6], paced by :meth:`pump_retained`."""
+        [MQTT-3.3.1-6] (as MQTT 5 Retain Handling says), paced by :meth:`pump_retained`."""
         session = channel.session
         if session is None:
             return
+        v5 = channel.protocol.protocol_level == 5
         rules = channel.rules
         limit = self.settings.max_subscriptions
+        identifier = int(packet.properties.get("subscription_identifier", 0)) if v5 else 0
         codes: list[int] = []
-        granted: list[tuple[str, int]] = []
+        granted: list[tuple[str, int, int]] = []
         for subscription in packet.subscriptions:
             topic_filter = subscription.topic_filter
             refused = None
-            if topic_filter.count("/") >= self.settings.max_topic_levels:
-                refused = "max_topic_levels"
-            elif rules is not None and not rules.allows("subscribe", topic_filter, is_filter=True):
-                refused = "authorization rules"
+            shared = _shared(topic_filter)
+            real_filter = topic_filter if shared is None else shared[1]
+            if topic_filter.startswith("$share/") and shared is None:  # 3.1.1: not a usable share
+                refused, code = "not $share/{name}/{filter}", reasons.TOPIC_FILTER_INVALID
+            elif topic_filter.count("/") >= self.settings.max_topic_levels:
+                refused, code = "max_topic_levels", reasons.TOPIC_FILTER_INVALID
+            elif rules is not None and not rules.allows("subscribe", real_filter, is_filter=True):
+                refused, code = "authorization rules", reasons.NOT_AUTHORIZED
             elif limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
-                refused = f"mqtt.max_subscriptions {limit}"
+                refused, code = f"mqtt.max_subscriptions {limit}", reasons.QUOTA_EXCEEDED
             if refused is not None:
                 self.counters.refused_subscriptions[refused.split()[0]] += 1
                 channel.throttle.log(
@@ -513,15 +747,21 @@ class Engine:
                     topic_filter,
                     refused,
                 )
-                codes.append(0x80)
+                codes.append(code if v5 else 0x80)
                 continue
             qos = subscription.qos
-            self._subscribed(session, topic_filter, qos)
+            existed = topic_filter in session.subscriptions
+            options = SubOptions(qos, subscription.no_local, subscription.retain_as_published, identifier)
+            self._subscribed(session, topic_filter, options)
             codes.append(qos)
-            granted.append((topic_filter, qos))
+            handling = subscription.retain_handling if v5 else 0
+            if shared is not None:
+                continue  # no retained messages for a shared subscription (MQTT 5 4.8.2)
+            if handling == 0 or (handling == 1 and not existed):  # MQTT 5 3.8.3.1
+                granted.append((topic_filter, qos, identifier))
         channel.send(mp.Suback(packet.packet_id, codes))
-        for topic_filter, qos in granted:
-            channel.retained.append((self._retained.match(topic_filter), qos))
+        for topic_filter, qos, sub_id in granted:
+            channel.retained.append((self._retained.match(topic_filter), qos, sub_id))
         if granted:
             self.pump_retained(channel)
 
@@ -542,19 +782,24 @@ class Engine:
     def pump_retained(self, channel: Channel) -> None:
         """Send up to :data:`RETAINED_BATCH` retained messages for new subscriptions, RETAIN=1 at
         min(retained QoS, granted QoS) [MQTT-3.3.1-8]; continue next iteration, or when the
-        connection can take more (window room, transport writable)."""
+        connection can take more (window room, transport writable). Expired ones are deleted."""
         session = channel.session
         budget = RETAINED_BATCH
+        now = self.loop.time()
         while channel.retained and session is not None and channel.state is ChannelState.CONNECTED:
             if not session.writable or len(session.inflight) >= session.max_inflight:
                 return  # resumed by resume_writing or an acknowledgement
-            matches, granted = channel.retained[0]
+            matches, granted, sub_id = channel.retained[0]
             rules = channel.rules
+            ids = (sub_id,) if sub_id else ()
             for topic, message in matches:
+                if message.expired(now):
+                    self._retained.delete(topic)
+                    continue
                 if rules is not None and not rules.allows("subscribe", topic):
                     continue
                 qos = min(granted, message.qos)
-                delivery = session.deliver(Delivery(message, qos, retain=True))
+                delivery = session.deliver(Delivery(message, qos, True, ids))
                 if delivery is not None:
                     channel.send_delivery(delivery)
                 budget -= 1
@@ -592,7 +837,7 @@ class Engine:
 
     # ------------------------------------------------------------------ operators
 
-    def _view(self, channel: Channel, session: Session) -> SessionView:
+    def _view(self, channel: Channel, session: EngineSession) -> SessionView:
         return SessionView(
             client_id=channel.client_id,
             username=channel.username,
@@ -606,6 +851,9 @@ class Engine:
             inflight=len(session.inflight),
             queued=len(session.queue),
             drops=dict(session.drops),
+            expiry_interval=session.expiry_interval,
+            receive_maximum=channel.receive_maximum,
+            topic_alias_maximum=channel.topic_alias_maximum,
         )
 
     def sessions(self) -> list[SessionView]:
@@ -671,3 +919,14 @@ class Engine:
         for session in list(self._sessions.values()):
             if session.expiry is not None:
                 session.expiry.cancel()
+
+
+def _shared(topic_filter: str) -> tuple[str, str] | None:
+    """``(share name, filter)`` of ``$share/{name}/{filter}``, or ``None`` for a plain filter (or a
+    ``$share/`` one without a usable name and filter)."""
+    if not topic_filter.startswith("$share/") or topic_filter.count("/") < 2:
+        return None
+    _, name, rest = topic_filter.split("/", 2)
+    if not name or not rest or "+" in name or "#" in name:
+        return None
+    return name, rest

@@ -29,6 +29,7 @@ class AuditTrail:
             listener=view.listener_id,
             clientid=view.client_id,
             username=view.username,
+            proto_ver=view.proto_ver,
             **address_fields(view.address),
             **extra,
         )

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from broker.authorization import ACTIONS, Rule, valid_filter
+from broker.core.session import SHARED_STRATEGIES
 from broker.errors import ConfigError, ConfigProblem
 from listeners.address import Networks, parse_network
 
@@ -424,6 +425,41 @@ def parse_count(low: int, high: int) -> Callable[[Any], int]:
     return parse
 
 
+def parse_optional_text(value: Any) -> str:
+    """A string, possibly empty.
+
+    Raises:
+        ValueError: not a string.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def parse_strategy(value: Any) -> str:
+    """A shared subscription strategy (``mqtt.shared_subscription_strategy``).
+
+    Raises:
+        ValueError: not one of SHARED_STRATEGIES.
+    """
+    if value not in SHARED_STRATEGIES:
+        raise ValueError(f"{value!r} is not one of {', '.join(SHARED_STRATEGIES)}")
+    return str(value)
+
+
+def parse_keepalive(value: Any) -> int:
+    """``disabled`` (0) or a number of seconds from 1 to 65535 (``server_keepalive``).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value == "disabled":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{value!r} is not 'disabled' or a number of seconds from 1 to 65535")
+    return value
+
+
 def parse_multiplier(value: Any) -> float:
     """A number from 1 to 100 (``keepalive_multiplier``).
 
@@ -475,6 +511,21 @@ class MqttSettings:
     keepalive_multiplier: float = setting(1.5, parse_multiplier)
     #: Retained messages kept broker-wide; a new retained topic beyond it is not stored (counted).
     max_retained_messages: int = setting(100_000, parse_max_connections, lambda v: v or "infinity")
+    #: MQTT 5: topic aliases a client may set up (announced in CONNACK; 0x94 beyond it).
+    max_topic_alias: int = setting(65535, parse_count(0, 65535))
+    #: MQTT 5: a keepalive the broker imposes on every client ("disabled": the client's own).
+    server_keepalive: int = setting(0, parse_keepalive, lambda v: v or "disabled")
+    #: MQTT 5: the Response Information returned to clients that ask for it ("" for none).
+    response_information: str = setting("", parse_optional_text)
+    #: MQTT 5: CONNACK carries user properties ``peername`` and ``address_source``: the address the
+    #: broker decided on, so that a client can check a load-balancer chain from its side.
+    peer_in_connack: bool = setting(False, parse_bool)
+    #: Forwarded PUBLISHes carry the publisher's real address in a user property of this name ("":
+    #: off). A client-supplied property of that name is removed first, so it cannot be forged.
+    publisher_address_property: str = setting("", parse_optional_text)
+    #: Which member of a ``$share/{name}/{filter}`` group gets a message: round_robin, random,
+    #: sticky, hash_clientid (of the publisher), hash_topic.
+    shared_subscription_strategy: str = setting("round_robin", parse_strategy)
 
 
 def _parse_rules_into(value: Any, path: str, problems: list[ConfigProblem]) -> tuple[Rule, ...]:

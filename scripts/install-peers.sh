@@ -2,6 +2,15 @@
 # Installs the real peers the test suite runs against (Debian packages), if any is missing.
 # As root it installs them; otherwise it uses sudo when it can, or says what to run.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# MQTT.js (npm's mqtt@5), an MQTT 5 client of another stack, into .peers/ (never committed).
+if [ ! -x .peers/mqttjs/node_modules/.bin/mqtt ] && command -v npm >/dev/null 2>&1; then
+    echo "install-peers: installing MQTT.js (npm mqtt@5) into .peers/mqttjs" >&2
+    mkdir -p .peers/mqttjs
+    npm install --prefix .peers/mqttjs --silent --no-audit --no-fund mqtt@5 >/dev/null 2>&1 \
+        || echo "install-peers: npm install mqtt@5 failed; MQTT.js tests will be skipped (fail with REQUIRE_E2E=1)" >&2
+fi
 
 packages=(nginx libnginx-mod-stream haproxy mosquitto mosquitto-clients openssl)
 missing=0

@@ -26,6 +26,7 @@ QUEUE_FULL: Final = "queue_full"
 QOS0_OFFLINE: Final = "qos0_offline"
 NOT_AUTHORIZED: Final = "not_authorized"
 SESSION_DISCARDED: Final = "session_discarded"
+EXPIRED: Final = "expired"
 
 #: [MQTT-2.3.1] packet identifiers are 1..65535.
 MAX_PACKET_ID: Final = 65535
@@ -34,19 +35,37 @@ MAX_PACKET_ID: Final = 65535
 class Message:
     """One published message, shared by every delivery of it (never copied per subscriber).
 
-    ``publisher`` is the client id of its sender ("" for the broker's own). The engine caches the
+    ``publisher`` is the client id of its sender ("" for the broker's own). ``properties`` are the
+    MQTT 5 properties forwarded with it unchanged (content type, response topic, correlation data,
+    user properties, payload format), or ``None``; ``expires_at`` is when its Message Expiry
+    Interval runs out, on the engine's clock (MQTT 5 3.3.2.3.3), or ``None``. The engine caches the
     encoded packet on it (``encoded``), keyed by what differs between deliveries.
     """
 
-    __slots__ = ("encoded", "payload", "publisher", "qos", "retain", "topic")
+    __slots__ = ("encoded", "expires_at", "payload", "properties", "publisher", "qos", "retain", "topic")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, publisher: str = "") -> None:
+    def __init__(  # noqa: PLR0917 - a PUBLISH's fields, in its order
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        publisher: str = "",
+        properties: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
         self.publisher = publisher
+        self.properties = properties
+        self.expires_at = expires_at
         self.encoded: dict[Any, tuple[bytes, bytes]] = {}
+
+    def expired(self, now: float) -> bool:
+        """Whether its Message Expiry Interval has run out at ``now``."""
+        return self.expires_at is not None and now >= self.expires_at
 
     def __repr__(self) -> str:
         return f"Message({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, retain={self.retain})"
@@ -60,15 +79,40 @@ class Delivery:
     for retained messages sent for a new subscription [MQTT-3.3.1-8/9].
     """
 
-    __slots__ = ("dup", "message", "packet_id", "qos", "released", "retain")
+    __slots__ = ("dup", "message", "packet_id", "qos", "released", "retain", "subscription_ids")
 
-    def __init__(self, message: Message, qos: int, retain: bool = False) -> None:
+    def __init__(
+        self, message: Message, qos: int, retain: bool = False, subscription_ids: tuple[int, ...] = ()
+    ) -> None:
         self.message = message
         self.qos = qos
         self.retain = retain
+        #: MQTT 5: the identifiers of the subscriptions it matched (3.3.4).
+        self.subscription_ids = subscription_ids
         self.packet_id = 0
         self.released = False
         self.dup = False
+
+
+class SubOptions:
+    """One subscription of a session: its granted QoS and MQTT 5 options (3.8.3.1)."""
+
+    __slots__ = ("identifier", "no_local", "qos", "retain_as_published")
+
+    def __init__(
+        self, qos: int, no_local: bool = False, retain_as_published: bool = False, identifier: int = 0
+    ) -> None:
+        self.qos = qos
+        self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        #: Subscription Identifier, 0 when none.
+        self.identifier = identifier
+
+    def __repr__(self) -> str:
+        return (
+            f"SubOptions(qos={self.qos}, no_local={self.no_local}, "
+            f"rap={self.retain_as_published}, id={self.identifier})"
+        )
 
 
 class Session:
@@ -96,8 +140,8 @@ class Session:
         self.max_mqueue_len = max_mqueue_len
         self.store_qos0 = store_qos0
         self.max_awaiting_rel = max_awaiting_rel
-        #: topic filter -> granted QoS
-        self.subscriptions: dict[str, int] = {}
+        #: topic filter -> its options
+        self.subscriptions: dict[str, SubOptions] = {}
         #: packet id -> delivery, in sending order
         self.inflight: dict[int, Delivery] = {}
         self.queue: deque[Delivery] = deque()
@@ -129,12 +173,17 @@ class Session:
         self._send_inflight(delivery)
         return delivery
 
-    def drain(self) -> list[Delivery]:
-        """What may be sent from the queue now (window room, transport writable), in order."""
+    def drain(self, now: float = 0.0) -> list[Delivery]:
+        """What may be sent from the queue now (window room, transport writable), in order;
+        messages whose expiry interval ran out by ``now`` are dropped, never sent [MQTT-3.3.2-5]."""
         out: list[Delivery] = []
         queue = self.queue
         while queue and self.writable:
             head = queue[0]
+            if head.message.expires_at is not None and now >= head.message.expires_at:
+                queue.popleft()
+                self._drop(EXPIRED, head)
+                continue
             if head.qos > 0:
                 if len(self.inflight) >= self.max_inflight:
                     break
@@ -153,8 +202,9 @@ class Session:
     def acknowledge(self, packet_id: int, stage: str) -> bool:
         """A PUBACK / PUBREC / PUBCOMP (``stage``) for an outgoing delivery. True when it matched.
 
-        PUBREC marks a QoS 2 delivery released (its PUBREL is then what goes out); PUBACK and
-        PUBCOMP end it and free its packet id.
+        PUBREC marks a QoS 2 delivery released (its PUBREL is then what goes out); PUBACK,
+        PUBCOMP and an MQTT 5 PUBREC with a failure code (``pubrec_error``) end it and free its
+        packet id.
         """
         delivery = self.inflight.get(packet_id)
         if delivery is None:
@@ -164,12 +214,24 @@ class Session:
                 return False
             delivery.released = True
             return True
+        if stage == "pubrec_error":  # MQTT 5: a PUBREC with a failure code ends the flow
+            if delivery.qos != 2 or delivery.released:
+                return False
+            del self.inflight[packet_id]
+            return True
         if stage == "puback" and delivery.qos != 1:
             return False
         if stage == "pubcomp" and (delivery.qos != 2 or not delivery.released):
             return False
         del self.inflight[packet_id]
         return True
+
+    def abandon(self, delivery: Delivery, reason: str) -> None:
+        """A delivery that cannot be sent after all (larger than the client's Maximum Packet
+        Size): its packet id is freed and the drop counted."""
+        if delivery.packet_id and self.inflight.get(delivery.packet_id) is delivery:
+            del self.inflight[delivery.packet_id]
+        self._drop(reason, delivery)
 
     def filter_pending(self, keep: Callable[[Message], bool]) -> int:
         """Drop queued and in-flight deliveries whose message ``keep`` refuses (authorization for a
@@ -259,3 +321,55 @@ class Session:
         """In-flight then queued deliveries (for reports and tests)."""
         yield from self.inflight.values()
         yield from self.queue
+
+
+#: How a shared subscription group picks the member that gets a message (EMQX's names).
+SHARED_STRATEGIES: Final = ("round_robin", "random", "sticky", "hash_clientid", "hash_topic")
+
+
+class SharedGroup:
+    """The members of one ``$share/{group}/{filter}`` (MQTT 5 4.8.2): each message goes to one.
+
+    ``members`` maps client id -> its options, in subscription order. :meth:`pick` chooses by the
+    strategy, preferring members whose ``available`` says they can take it now (connected and
+    writable), so a message is not queued for an offline member while another is there.
+    """
+
+    __slots__ = ("_next", "_sticky", "filter", "group", "members")
+
+    def __init__(self, group: str, topic_filter: str) -> None:
+        self.group = group
+        self.filter = topic_filter
+        self.members: dict[str, SubOptions] = {}
+        self._next = 0
+        self._sticky: str | None = None
+
+    def pick(
+        self, strategy: str, publisher: str, topic: str, available: Callable[[str], bool], chance: float
+    ) -> str | None:
+        """The member to deliver to, or ``None`` when the group is empty. ``chance`` is a number in
+        [0, 1) for the ``random`` strategy (the caller's random source, so this stays pure)."""
+        members = list(self.members)
+        if not members:
+            return None
+        ready = [member for member in members if available(member)] or members
+        if strategy == "sticky":
+            if self._sticky not in ready:
+                self._sticky = ready[0]
+            return self._sticky
+        if strategy == "random":
+            return ready[int(chance * len(ready))]
+        if strategy == "hash_clientid":
+            return ready[_stable_hash(publisher) % len(ready)]
+        if strategy == "hash_topic":
+            return ready[_stable_hash(topic) % len(ready)]
+        self._next = (self._next + 1) % len(ready)
+        return ready[self._next]
+
+
+def _stable_hash(text: str) -> int:
+    """A hash that is the same in every process (``hash()`` of a str is salted per process)."""
+    value = 0
+    for byte in text.encode():
+        value = (value * 31 + byte) & 0xFFFFFFFF
+    return value

@@ -230,8 +230,9 @@ class MqttServerProtocol:
         """Queue the CONNACK that accepts the CONNECT (MQTT 5 properties are ignored at 3.1.1)."""
         self.send(Connack(session_present, 0, dict(properties or {})))
 
-    def refuse(self, reason_code: int) -> None:
-        """Queue the CONNACK refusing the CONNECT for the MQTT 5 ``reason_code``, then close.
+    def refuse(self, reason_code: int, properties: Mapping[str, Any] | None = None) -> None:
+        """Queue the CONNACK refusing the CONNECT for the MQTT 5 ``reason_code`` (with
+        ``properties``, e.g. a reason string, at MQTT 5), then close.
 
         At 3.1.1 the code is mapped to the nearest return code (:func:`v3_connack_code`). Raises
         ValueError for a code that is not a refusal (below 0x80).
@@ -239,7 +240,7 @@ class MqttServerProtocol:
         if self._decoder.protocol_level == 5:
             if reason_code < 0x80:
                 raise ValueError(f"0x{reason_code:02X} is not a CONNACK refusal")
-            packet = Connack(False, reason_code, {})
+            packet = Connack(False, reason_code, dict(properties or {}))
         else:
             packet = Connack(False, v3_connack_code(reason_code), {})
         self.send(packet)

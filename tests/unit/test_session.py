@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.core.session import (
+    EXPIRED,
     NOT_AUTHORIZED,
     QOS0_OFFLINE,
     QUEUE_FULL,
@@ -12,6 +13,8 @@ from broker.core.session import (
     Delivery,
     Message,
     Session,
+    SharedGroup,
+    SubOptions,
 )
 
 
@@ -169,3 +172,52 @@ def test_incoming_qos2_is_bounded_and_forgotten_after_timeout(timeout: float) ->
     # id 2 arrived at 2.0; at 12.5 it is past await_rel_timeout and forgotten.
     assert session.receive_qos2(4, now=12.5, timeout=timeout) is True
     assert list(session.awaiting_rel) == [3, 4]
+
+
+def _group(*members: str) -> SharedGroup:
+    group = SharedGroup("g", "t/#")
+    for member in members:
+        group.members[member] = SubOptions(1)
+    return group
+
+
+def test_shared_round_robin_prefers_available_members() -> None:
+    group = _group("a", "b", "c")
+    picks = [group.pick("round_robin", "p", "t/1", lambda m: True, 0.0) for _ in range(6)]
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]
+    only_b = [group.pick("round_robin", "p", "t/1", lambda m: m == "b", 0.0) for _ in range(3)]
+    assert only_b == ["b", "b", "b"]
+    assert {group.pick("round_robin", "p", "t", lambda m: False, 0.0) for _ in range(3)} == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("strategy", ["sticky", "hash_clientid", "hash_topic"])
+def test_shared_strategies_that_stay_on_one_member(strategy: str) -> None:
+    group = _group("a", "b", "c")
+    picks = {group.pick(strategy, "publisher", "t/1", lambda m: True, 0.5) for _ in range(5)}
+    assert len(picks) == 1
+
+
+def test_shared_random_uses_the_callers_chance_and_empty_groups_pick_nobody() -> None:
+    group = _group("a", "b")
+    assert group.pick("random", "p", "t", lambda m: True, 0.0) == "a"
+    assert group.pick("random", "p", "t", lambda m: True, 0.99) == "b"
+    assert SharedGroup("g", "t").pick("round_robin", "p", "t", lambda m: True, 0.0) is None
+
+
+def test_expired_messages_are_dropped_from_the_queue_not_sent() -> None:
+    session = make(max_inflight=1)
+    session.writable = False
+    session.deliver(Delivery(Message("t", b"x", 1, False, expires_at=5.0), 1))
+    session.deliver(Delivery(Message("t", b"y", 1, False, expires_at=50.0), 1))
+    session.writable = True
+    [sent] = session.drain(now=10.0)
+    assert sent.message.payload == b"y"
+    assert session.drops == {EXPIRED: 1}
+
+
+def test_abandon_frees_the_packet_id() -> None:
+    session = make()
+    delivery = session.deliver(Delivery(msg(), 1))
+    assert delivery is not None and delivery.packet_id in session.inflight
+    session.abandon(delivery, "too_large")
+    assert not session.inflight and session.drops == {"too_large": 1}
