@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop: uvloop when installed (auto, the default), or asyncio's own",
+        default="asyncio",
+        help="event loop: asyncio's own (the default), uvloop, or auto (uvloop when installed)",
     )
 
     ctl = commands.add_parser("ctl", help="talk to a running broker's admin API")

@@ -32,6 +32,11 @@ from listeners.tls import local_tls_info
 
 logger = logging.getLogger(__name__)
 
+#: Bytes a connection's transport may buffer before the engine is told to stop writing to it
+#: (``pause_writing``), and the level it must drain to before writing resumes (asyncio's defaults).
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+
 
 class ListenerContext:
     """What the connections of one listener share: its settings, counters, sink factory, and the
@@ -154,6 +159,10 @@ class ClientProtocol(asyncio.Protocol):
             # its own TCP transports too; not every event loop does.)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Explicit, so that every event loop pauses and resumes the engine's writing alike:
+        # uvloop's default low-water mark (16 bytes) resumed a paused subscriber only once its
+        # buffer was empty, long enough for its message queue to overflow.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         settings = context.settings
         if self._header_read or settings.proxy_protocol is ProxyProtocolMode.OFF:
             self._address_known(self._client(self._header), b"")

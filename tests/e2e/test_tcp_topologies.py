@@ -88,6 +88,7 @@ def test_single_nginx_clients_list_show_json_and_kick(
         rf"Client\(mqttx-41, username=undefined, peername=127\.0\.0\.41:{local_port(first)}, "
         rf"proxy={re.escape(EDGE)}:{info['proxy_port']}, listener=tcp:default, address_source=proxy_protocol_v1, "
         r"proto_ver=4, clean_start=true, keepalive=60, connected_at=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00, "
+        r"expiry_interval=0, receive_maximum=65535, topic_alias_maximum=0, "
         r"subscriptions=0, inflight=0, mqueue_len=0, dropped=0\)",
         line,
     ), line
