@@ -508,38 +508,26 @@ class Engine:
         if topic.startswith("$SYS"):
             # $SYS belongs to the broker; other $-topics are the applications' own and are routed
             # (never to wildcard subscriptions, [MQTT-4.7.2-1]).
-            self.counters.dropped[SYS_TOPIC] += 1
-            channel.throttle.log(
-                logging.INFO,
-                "client %r from %s may not publish to %r: $SYS topics belong to the broker; dropped",
-                channel.client_id,
-                channel.address.describe(),
-                topic,
-            )
-            return False
+            why = "may not publish to %r: $SYS topics belong to the broker"
+            return self._publish_dropped(channel, SYS_TOPIC, logging.INFO, why, topic)
         if topic.count("/") >= self.settings.max_topic_levels:
-            self.counters.dropped[TOPIC_TOO_DEEP] += 1
-            channel.throttle.log(
-                logging.WARNING,
-                "client %r from %s published to a topic of more than %d levels (mqtt.max_topic_levels); "
-                "dropped",
-                channel.client_id,
-                channel.address.describe(),
-                self.settings.max_topic_levels,
+            why = "published to a topic of more than %d levels (mqtt.max_topic_levels)"
+            return self._publish_dropped(
+                channel, TOPIC_TOO_DEEP, logging.WARNING, why, self.settings.max_topic_levels
             )
-            return False
         rules = channel.rules
         if rules is not None and not rules.allows("publish", topic):
-            self.counters.dropped[PUBLISH_NOT_AUTHORIZED] += 1
-            channel.throttle.log(
-                logging.INFO,
-                "client %r from %s may not publish to %r (authorization rules); dropped",
-                channel.client_id,
-                channel.address.describe(),
-                topic,
-            )
-            return False
+            why = "may not publish to %r (authorization rules)"
+            return self._publish_dropped(channel, PUBLISH_NOT_AUTHORIZED, logging.INFO, why, topic)
         return True
+
+    def _publish_dropped(self, channel: Channel, reason: str, level: int, why: str, *args: Any) -> bool:
+        """Count a refused PUBLISH and log ``client 'x' from <address> <why>; dropped`` (throttled)."""
+        self.counters.dropped[reason] += 1
+        channel.throttle.log(
+            level, f"client %r from %s {why}; dropped", channel.client_id, channel.address.describe(), *args
+        )
+        return False
 
     def make_message(  # noqa: PLR0917 - a PUBLISH's fields, in its order
         self,

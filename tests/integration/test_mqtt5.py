@@ -492,16 +492,22 @@ def test_assigned_client_identifier(v5: V5Clients) -> None:
     assert client_info(v5.route.broker, assigned)["proto_ver"] == 5
 
 
+def raw_v5_subscriber(port: int, client_id: str, connect_props: bytes, topic: str, qos: int) -> socket.socket:
+    """A hand-made MQTT 5 client (CONNECT with ``connect_props``, one SUBSCRIBE), for what paho
+    hides: the packets as they arrive."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(packet(0x10, b"\x00\x04MQTT\x05\x02\x00\x3c" + connect_props + string(client_id)))
+    assert read_packet(sock)[0] == 0x20
+    sock.sendall(packet(0x82, b"\x00\x01\x00" + string(topic) + bytes([qos])))
+    assert read_packet(sock)[0] == 0x90
+    return sock
+
+
 def test_receive_maximum_of_the_client_bounds_our_in_flight(broker: BrokerProcess) -> None:
     """[MQTT-3.3.4-9] no more unacknowledged QoS 1 deliveries than the client's Receive Maximum."""
     port = broker.port("tcp:default")
-    connect_props = b"\x03\x21\x00\x02"  # Receive Maximum 2
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(packet(0x10, b"\x00\x04MQTT\x05\x02\x00\x3c" + connect_props + string("v5-rm")))
-        first, _ = read_packet(sock)
-        assert first == 0x20
-        sock.sendall(packet(0x82, b"\x00\x01\x00" + string("rm/t") + b"\x01"))
-        assert read_packet(sock)[0] == 0x90
+    # Receive Maximum 2
+    with raw_v5_subscriber(port, "v5-rm", b"\x03\x21\x00\x02", "rm/t", 1) as sock:
         publisher = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         publisher.sendall(packet(0x10, b"\x00\x04MQTT\x04\x02\x00\x3c" + string("v3-rm-pub")))
         assert recv_exactly(publisher, 4) == b"\x20\x02\x00\x00"
@@ -524,12 +530,8 @@ def test_receive_maximum_of_the_client_bounds_our_in_flight(broker: BrokerProces
 def test_maximum_packet_size_of_the_client(broker: BrokerProcess, clients: Clients) -> None:
     """A delivery larger than the client's Maximum Packet Size is dropped and counted, never sent."""
     port = broker.port("tcp:default")
-    connect_props = b"\x05\x27\x00\x00\x00\x40"  # Maximum Packet Size 64
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(packet(0x10, b"\x00\x04MQTT\x05\x02\x00\x3c" + connect_props + string("v5-small")))
-        assert read_packet(sock)[0] == 0x20
-        sock.sendall(packet(0x82, b"\x00\x01\x00" + string("mps/t") + b"\x00"))
-        assert read_packet(sock)[0] == 0x90
+    # Maximum Packet Size 64
+    with raw_v5_subscriber(port, "v5-small", b"\x05\x27\x00\x00\x00\x40", "mps/t", 0) as sock:
         publisher = clients.new("mps-pub").connect("127.0.0.1", port)
         publisher.publish("mps/t", b"b" * 200, qos=1)
         publisher.publish("mps/t", b"small", qos=1)
@@ -652,14 +654,10 @@ def test_shared_subscription_strategy_is_validated(tmp_path: Path) -> None:
 
 
 def test_outbound_topic_aliases_when_the_client_allows_them(broker: BrokerProcess, clients: Clients) -> None:
-    """A topic sent again goes as its alias alone (MQTT 5 3.3.2.3.4), and paho resolves it."""
+    """A topic sent again goes as its alias alone (MQTT 5 3.3.2.3.4)."""
     port = broker.port("tcp:default")
-    connect_props = b"\x03\x22\x00\x05"  # Topic Alias Maximum 5
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(packet(0x10, b"\x00\x04MQTT\x05\x02\x00\x3c" + connect_props + string("v5-aliased")))
-        assert read_packet(sock)[0] == 0x20
-        sock.sendall(packet(0x82, b"\x00\x01\x00" + string("long/topic/name") + b"\x00"))
-        assert read_packet(sock)[0] == 0x90
+    # Topic Alias Maximum 5
+    with raw_v5_subscriber(port, "v5-aliased", b"\x03\x22\x00\x05", "long/topic/name", 0) as sock:
         publisher = clients.new("alias-pub").connect("127.0.0.1", port)
         publisher.publish("long/topic/name", b"one", qos=1)
         publisher.publish("long/topic/name", b"two", qos=1)
