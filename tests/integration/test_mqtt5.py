@@ -726,3 +726,92 @@ def test_server_keepalive_and_response_information(start_broker: BrokerFactory) 
         assert "ResponseInformation" not in connack  # only when asked
     finally:
         made.close_all()
+
+
+def test_suback_and_unsuback_reason_codes(start_broker: BrokerFactory) -> None:
+    broker = start_broker(
+        broker_config(
+            tcp={"default": listener_config()},
+            mqtt={"max_subscriptions": 2, "max_topic_levels": 4},
+            authorization={
+                "no_match": "allow",
+                "rules": [{"permission": "deny", "action": "subscribe", "topics": ["no/#"]}],
+            },
+        ),
+        log_level="info",
+    )
+    made = V5Clients(Route(broker, broker.port("tcp:default")))
+    try:
+        client, _ = connected(made, "v5-suback")
+        assert client.subscribe("no/x", 1) == [0x87]  # not authorized
+        assert client.subscribe("a/b/c/d/e", 1) == [0x8F]  # deeper than max_topic_levels
+        assert client.subscribe("ok/1", 2) == [2]
+        assert client.subscribe("ok/2", 0) == [0]
+        assert client.subscribe("ok/3", 1) == [0x97]  # quota exceeded (max_subscriptions)
+        unsubacks: queue.Queue[list[int]] = queue.Queue()
+        client.client.on_unsubscribe = lambda c, u, mid, rcs, p: unsubacks.put([r.value for r in rcs])
+        client.client.unsubscribe(["ok/1", "never"])
+        assert unsubacks.get(timeout=WAIT) == [0x00, 0x11]  # no subscription existed
+    finally:
+        made.close_all()
+
+
+def test_disconnect_can_change_the_session_expiry(v5: V5Clients) -> None:
+    client, _ = connected(v5, "v5-change", SessionExpiryInterval=60)
+    client.subscribe("chg/t", 1)
+    client.client.disconnect(properties=props(PacketTypes.DISCONNECT, SessionExpiryInterval=0))
+    client.disconnects.get(timeout=WAIT)
+    again = v5.connect("v5-change", clean_start=False)
+    assert v5.connack(again)[:2] == (0, False)  # the DISCONNECT ended the session
+    zero, _ = connected(v5, "v5-zero")  # session expiry 0 at CONNECT...
+    zero.client.disconnect(properties=props(PacketTypes.DISCONNECT, SessionExpiryInterval=30))
+    assert zero.disconnects.get(timeout=WAIT) in (0x82, 0)  # ...may not become non-zero [MQTT-3.14.2-2]
+    v5.route.broker.wait_for_log(r"set a session expiry at DISCONNECT after 0 \[MQTT-3.14.2-2\]; closing")
+
+
+def test_receive_maximum_we_announce_is_enforced(broker: BrokerProcess) -> None:
+    """Ours is mqtt.max_inflight (8 here): a 9th QoS 2 PUBLISH awaiting PUBREL gets DISCONNECT 0x93."""
+    with raw_v5_subscriber(broker.port("tcp:default"), "v5-flood", b"\x00", "unused", 0) as sock:
+        for packet_id in range(1, 9):
+            sock.sendall(packet(0x34, string("q2") + packet_id.to_bytes(2, "big") + b"\x00" + b"x"))
+            assert read_packet(sock)[0] == 0x50  # PUBREC
+        sock.sendall(packet(0x34, string("q2") + (9).to_bytes(2, "big") + b"\x00" + b"x"))
+        kind, body = read_packet(sock)
+        assert (kind, body[0]) == (0xE0, 0x93)
+
+
+def test_topic_alias_above_our_maximum_is_0x94(start_broker: BrokerFactory) -> None:
+    broker = start_broker(
+        broker_config(tcp={"default": listener_config()}, mqtt={"max_topic_alias": 4}), log_level="info"
+    )
+    made = V5Clients(Route(broker, broker.port("tcp:default")))
+    try:
+        client, connack = connected(made, "v5-alias-max")
+        assert connack["TopicAliasMaximum"] == 4
+        client.publish("t", b"x", qos=0, TopicAlias=5)
+        assert client.disconnects.get(timeout=WAIT) == 0x94
+    finally:
+        made.close_all()
+
+
+def test_shutdown_says_0x8b_and_retained_messages_expire(start_broker: BrokerFactory) -> None:
+    broker = start_broker(
+        broker_config(tcp={"default": listener_config()}, audit={"file": "audit.log"}), log_level="info"
+    )
+    made = V5Clients(Route(broker, broker.port("tcp:default")))
+    try:
+        client, _ = connected(made, "v5-shut")
+        published = time.monotonic()
+        client.publish("ret/short", b"soon gone", retain=True, MessageExpiryInterval=1)
+        client.publish("ret/long", b"stays", retain=True, MessageExpiryInterval=100)
+        wait_until(lambda: time.monotonic() - published > 1.2, what="the short expiry to pass")
+        assert client.subscribe("ret/#", 1) == [1]
+        got = client.expect()
+        assert got.payload == b"stays" and got.retain
+        client.expect_nothing()
+        assert broker.stop() == 0
+        assert client.disconnects.get(timeout=WAIT) == 0x8B  # server shutting down
+        records = (broker.workdir / "audit.log").read_text()
+        assert '"proto_ver":5' in records  # the audit log carries the protocol level
+    finally:
+        made.close_all()
