@@ -308,7 +308,14 @@ class Channel:
         was_connected = self.session is not None
         code = _DISCONNECT_CODES.get(self.end_reason)
         if was_connected and code is not None and self.protocol.protocol_level == 5:
-            self.protocol.disconnect(code)
+            reference = self.engine.settings.server_reference
+            if self.end_reason == "shutdown" and reference:
+                # MQTT 5 4.11: send the client elsewhere instead of just "shutting down".
+                moved = self.engine.settings.server_moved
+                code = reasons.SERVER_MOVED if moved else reasons.USE_ANOTHER_SERVER
+                self.protocol.disconnect(code, {"server_reference": reference})
+            else:
+                self.protocol.disconnect(code)
         self.state = ChannelState.CLOSED
         self.closed = True
         self._cancel_timer()

@@ -523,6 +523,10 @@ class MqttSettings:
     #: Forwarded PUBLISHes carry the publisher's real address in a user property of this name ("":
     #: off). A client-supplied property of that name is removed first, so it cannot be forged.
     publisher_address_property: str = setting("", parse_optional_text)
+    #: MQTT 5: at shutdown, clients are told to use this server instead (DISCONNECT 0x9C, or 0x9D
+    #: with ``server_moved``) with it as Server Reference; "" says just "shutting down" (0x8B).
+    server_reference: str = setting("", parse_optional_text)
+    server_moved: bool = setting(False, parse_bool)
     #: Which member of a ``$share/{name}/{filter}`` group gets a message: round_robin, random,
     #: sticky, hash_clientid (of the publisher), hash_topic.
     shared_subscription_strategy: str = setting("round_robin", parse_strategy)

@@ -815,3 +815,21 @@ def test_shutdown_says_0x8b_and_retained_messages_expire(start_broker: BrokerFac
         assert '"proto_ver":5' in records  # the audit log carries the protocol level
     finally:
         made.close_all()
+
+
+@pytest.mark.parametrize(("moved", "code"), [(False, 0x9C), (True, 0x9D)])
+def test_shutdown_can_send_clients_to_another_server(
+    start_broker: BrokerFactory, moved: bool, code: int
+) -> None:
+    broker = start_broker(
+        broker_config(
+            tcp={"default": listener_config()},
+            mqtt={"server_reference": "mqtt2.example:1883", "server_moved": moved},
+        ),
+        log_level="info",
+    )
+    with raw_v5_subscriber(broker.port("tcp:default"), "v5-redirect", b"\x00", "t", 0) as sock:
+        assert broker.stop() == 0
+        kind, body = read_packet(sock)
+    assert (kind, body[0]) == (0xE0, code)
+    assert b"\x1c" + string("mqtt2.example:1883") in body  # Server Reference property
