@@ -5,13 +5,15 @@ after 1,000 and 10,000 concurrent idle connections (quick: 1,000 only), each ope
 client in this process: PROXY v1 header (realip-broker's ``proxy_protocol: true`` listener only),
 CONNECT with keepalive 0 (never pinged, never timed out), CONNACK awaited; 100 connects in flight.
 Per connection = (RSS_N - RSS_0) / N. The broker is killed once measured, then the sockets dropped.
-realip-broker is measured on uvloop (the default) and on asyncio's own loop (``--loop asyncio``).
+realip-broker is measured on asyncio's own loop (the default) and on uvloop (``--loop uvloop``,
+skipped when uvloop is not importable).
 
 Where realip-broker's bytes go: the broker is run once more under ``tracemalloc`` (this file as
 its launcher, ``--child``), with a snapshot at 0 and at ``TRACED`` idle PROXY connections; the
 difference, grouped by the line that allocated, is what one connection costs in Python-allocated
-memory (objects, and uvloop's handles: it allocates them through Python's allocator). The rest of
-the RSS per connection is outside Python's allocator (libc, the kernel's view of the pages).
+memory (objects, the transports among them: asyncio's are Python objects, and uvloop allocates its
+handles through Python's allocator too). The rest of the RSS per connection is outside Python's
+allocator (libc, the kernel's view of the pages).
 
 RLIMIT_NOFILE is raised (to 20,000 at most, the hard limit here) before any broker is spawned, so
 brokers and client both can hold 10,000 sockets.
@@ -38,8 +40,9 @@ from benchlib import (
     MOSQ,
     PYTHON,
     REALIP,
-    REALIP_ASYNCIO,
     REALIP_SRC,
+    REALIP_UVLOOP,
+    UVLOOP_MISSING,
     BenchError,
     Broker,
     Options,
@@ -50,6 +53,7 @@ from benchlib import (
     start_amqtt,
     start_mosquitto,
     start_realip,
+    uvloop_available,
 )
 
 from listeners.proxy_protocol import build_v1
@@ -124,10 +128,11 @@ async def run(options: Options) -> list[Table]:
     realip = await start_realip(PP_ONLY, label=REALIP)
     ours_label = f"{REALIP} (PROXY v1 listener, {realip.loop})"
     results[ours_label] = await measure(realip, realip.ports["tcp:pp"], header, counts, settle)
-    realip = await start_realip(PP_ONLY, label=REALIP_ASYNCIO, loop="asyncio")
-    results[f"{REALIP_ASYNCIO} (PROXY v1 listener)"] = await measure(
-        realip, realip.ports["tcp:pp"], header, counts, settle
-    )
+    if uvloop_available():
+        realip = await start_realip(PP_ONLY, label=REALIP_UVLOOP, loop="uvloop")
+        results[f"{REALIP_UVLOOP} (PROXY v1 listener)"] = await measure(
+            realip, realip.ports["tcp:pp"], header, counts, settle
+        )
     amqtt = await start_amqtt()
     results[f"{AMQTT} (own listener)"] = await measure(amqtt, amqtt.port, b"", counts, settle)
     mosq = await start_mosquitto()
@@ -165,9 +170,11 @@ async def run(options: Options) -> list[Table]:
         f"KiB/conn at {counts[-1]:,}.",
         "Connections: one asyncio process, 100 connects in flight, CONNECT keepalive 0 (idle for ever), "
         "connects/s = rate of opening each batch (to 1k, then to 10k).",
-        f"realip-broker's loop as it logged it; '{REALIP_ASYNCIO}' is the same broker on asyncio's own "
-        "event loop (its transports are Python objects; uvloop's are C).",
+        f"realip-broker's loop as it logged it (asyncio's, the default); '{REALIP_UVLOOP}' is the same "
+        "broker on uvloop (its transports are C; asyncio's are Python objects).",
     ]
+    if not uvloop_available():
+        table.notes.append(UVLOOP_MISSING + ".")
     return [table, await traced(TRACED[options.quick], header, settle)]
 
 

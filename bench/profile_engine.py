@@ -18,12 +18,13 @@ much, is fed as fast as it takes.
   Python code ~2x and counts each resumption of a coroutine as a call: use it for *where*, not for
   absolute speed.
 
-Engines: ``realip`` (realip-broker as served by default: uvloop when installed), ``realip-asyncio``
-(``serve --loop asyncio``: asyncio's own loop and transports, which py-spy can see into) and plain
-amqtt 0.12.1 (its own TCP listener), so that the cost of each layer shows.
+Engines: ``realip`` (realip-broker as served by default: asyncio's own loop and transports, which
+py-spy can see into), ``realip-uvloop`` (``serve --loop uvloop``; left out of the default engines when
+uvloop is not importable) and plain amqtt 0.12.1 (its own TCP listener), so that the cost of each
+layer shows.
 
     python bench/profile_engine.py [--quick] [--profiler cprofile|py-spy]
-        [--engine realip realip-asyncio amqtt] [--seconds S] [--top 15] [--save DIR]
+        [--engine realip realip-uvloop amqtt] [--seconds S] [--top 15] [--save DIR]
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ from benchlib import (
     BENCH,
     PYTHON,
     REALIP,
-    REALIP_ASYNCIO,
+    REALIP_UVLOOP,
     REPO,
+    UVLOOP_MISSING,
     BenchError,
     Broker,
     RawClient,
@@ -62,6 +64,7 @@ from benchlib import (
     start_amqtt,
     start_realip,
     terminate,
+    uvloop_available,
 )
 
 #: realip-broker's steady load (msg/s) and how long it is profiled (s), full and quick.
@@ -80,7 +83,7 @@ listeners:
 admin: {{listen: "unix:{ADMIN_SOCKET}"}}
 """
 
-LABELS = {"realip": REALIP, "realip-asyncio": REALIP_ASYNCIO, "amqtt": AMQTT}
+LABELS = {"realip": REALIP, "realip-uvloop": REALIP_UVLOOP, "amqtt": AMQTT}
 
 #: What a file is on the message path, for the summary by component.
 COMPONENTS = [
@@ -242,8 +245,8 @@ async def _start(kind: str, profiler: str, stats: Path) -> Broker:
         launcher = [PYTHON, str(BENCH / "profile_engine.py"), "--child", kind, "--stats", str(stats), "--"]
     if kind == "realip":
         return await start_realip(CONFIG, launcher=launcher)
-    if kind == "realip-asyncio":
-        return await start_realip(CONFIG, label=REALIP_ASYNCIO, launcher=launcher, loop="asyncio")
+    if kind == "realip-uvloop":
+        return await start_realip(CONFIG, label=REALIP_UVLOOP, launcher=launcher, loop="uvloop")
     return await start_amqtt(launcher=launcher)
 
 
@@ -395,6 +398,9 @@ async def profile_one(
 async def main_async(args: argparse.Namespace) -> None:
     seconds = args.seconds or SECONDS[args.quick]
     engines = args.engine or (["realip", "amqtt"] if args.quick else list(LABELS))
+    if not args.engine and "realip-uvloop" in engines and not uvloop_available():
+        engines.remove("realip-uvloop")
+        print(f"{UVLOOP_MISSING}.\n", flush=True)
     for kind in engines:
         for line in await profile_one(
             kind, args.profiler, seconds, AMQTT_MESSAGES[args.quick], args.top, args.save
@@ -418,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         help="default: py-spy when installed (pip install py-spy), else cprofile",
     )
     parser.add_argument(
-        "--engine", nargs="+", choices=list(LABELS), help="default: all three (--quick: realip amqtt)"
+        "--engine",
+        nargs="+",
+        choices=list(LABELS),
+        help="default: all three (--quick: realip amqtt; realip-uvloop only when uvloop is importable)",
     )
     parser.add_argument("--seconds", type=float, default=0.0, help="realip-broker's profiled seconds")
     parser.add_argument("--top", type=int, default=15)

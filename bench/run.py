@@ -4,24 +4,27 @@
 
 Benchmarks (in this order; ``--only`` picks some):
 
+realip-broker runs on its default event loop (asyncio's own); the loop contender beside it is
+``serve --loop uvloop``, skipped (with a note) when uvloop is not importable.
+
 - ``throughput``  QoS 0/1 msg/s, 1->1, 10->1, 1->10, 64 B and 4 KiB: realip-broker (plain listener,
-  PROXY listener, and on asyncio's loop for 64 B 1->1), amqtt 0.12.1 with its own listener,
-  mosquitto; rounds alternate the brokers.
-- ``ratio``       QoS 0 1->1 64 B over alternating rounds: realip-broker (uvloop, asyncio's loop,
-  PROXY listener) against amqtt and mosquitto fed by the same publishers, with spread; what
-  uvloop gives.
+  PROXY listener, and for 64 B 1->1 over MQTT 5 and on uvloop), amqtt 0.12.1 with its own
+  listener, mosquitto; rounds alternate the brokers.
+- ``ratio``       QoS 0 1->1 64 B over alternating rounds: realip-broker (asyncio's loop, uvloop,
+  MQTT 5, PROXY listener) against amqtt and mosquitto fed by the same publishers, with spread;
+  what uvloop gives.
 - ``filters``     a QoS 0 flow while one client holds 20 or 20,000 unrelated filters, three brokers
   (bench_filters.py).
 - ``latency``     QoS 1 publish->receive p50/p90/p99 under a fixed background load, three brokers.
 - ``connect``     connection rate through a PROXY v1 / v2 listener vs a plain one.
 - ``ws``          WebSocket connection rate with X-Forwarded-For resolution vs without.
 - ``memory``      resident memory per idle connection at 1k and 10k connections through a PROXY
-                  listener (uvloop and asyncio's loop), with amqtt's own listener and mosquitto at
+                  listener (asyncio's loop and uvloop), with amqtt's own listener and mosquitto at
                   the same counts; where the Python-allocated bytes of a connection go
                   (tracemalloc).
 - ``parse``       PROXY header parse rate (bench_proxy_parse.py).
 - ``admin``       ``ctl clients list`` with 10,000 clients (bench_admin_list.py).
-- ``profile``     where realip-broker (uvloop and asyncio's loop) and amqtt spend their time on
+- ``profile``     where realip-broker (asyncio's loop and uvloop) and amqtt spend their time on
                   the QoS 0 message path (profile_engine.py: py-spy when installed, else cProfile).
 
 Prints a header (date, machine, load, which realip-broker tree, command), one Markdown table per
