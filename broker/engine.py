@@ -634,21 +634,32 @@ class Engine:
 
     def _targets(self, topic: str) -> tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]]:
         """Who gets ``topic``: each client with the options of its matching subscriptions, and the
-        shared groups that match; cached until a subscription changes."""
-        grouped: dict[str, list[SubOptions]] = {}
-        groups: list[SharedGroup] = []
-        for key, options in self._subscriptions.match(topic):
-            if isinstance(options, SharedGroup):
-                groups.append(options)
-            elif isinstance(key, str):
-                grouped.setdefault(key, []).append(options)
+        shared groups that match; cached until a subscription changes.
+
+        Built with as few objects as it takes (a topic seen once, as with a new topic per message,
+        pays this on every PUBLISH): one entry per match, merged only when a client matched twice.
+        """
+        matches = self._subscriptions.match(topic)
+        if not matches:
+            entry = _NO_TARGETS
+        else:
+            targets: list[tuple[str, tuple[SubOptions, ...]]] = []
+            groups: list[SharedGroup] = []
+            for key, options in matches:
+                if type(options) is SharedGroup:
+                    groups.append(options)
+                elif type(key) is str:
+                    targets.append((key, (options,)))  # type: ignore[arg-type]
+            if len(targets) > 1 and len({client_id for client_id, _ in targets}) < len(targets):
+                merged: dict[str, tuple[SubOptions, ...]] = {}
+                for client_id, options_of in targets:
+                    merged[client_id] = merged.get(client_id, ()) + options_of
+                targets = list(merged.items())
+            entry = (targets, groups)
         routes = self._routes
         if len(routes) >= ROUTE_CACHE_SIZE:
             routes.clear()
-        entry = routes[topic] = (
-            [(client_id, tuple(options)) for client_id, options in grouped.items()],
-            groups,
-        )
+        routes[topic] = entry
         return entry
 
     def _subscribed(self, session: EngineSession, topic_filter: str, options: SubOptions) -> None:
@@ -907,6 +918,10 @@ class Engine:
         for session in list(self._sessions.values()):
             if session.expiry is not None:
                 session.expiry.cancel()
+
+
+#: The routing of a topic nobody subscribes to (shared, never changed).
+_NO_TARGETS: tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]] = ([], [])
 
 
 def _shared(topic_filter: str) -> tuple[str, str] | None:

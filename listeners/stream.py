@@ -159,9 +159,8 @@ class ClientProtocol(asyncio.Protocol):
             # its own TCP transports too; not every event loop does.)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Explicit, so that every event loop pauses and resumes the engine's writing alike:
-        # uvloop's default low-water mark (16 bytes) resumed a paused subscriber only once its
-        # buffer was empty, long enough for its message queue to overflow.
+        # Explicit (asyncio's defaults), not left to each event loop's own: when the engine is told
+        # to stop writing, and when to resume, is part of how a slow subscriber is bounded.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         settings = context.settings
         if self._header_read or settings.proxy_protocol is ProxyProtocolMode.OFF:
