@@ -65,7 +65,7 @@ class ChannelState(Enum):
     CLOSED = "closed"
 
 
-class _Throttle:
+class Throttle:
     """Logs a client-caused warning once, then at most every :data:`LOG_INTERVAL` with a count."""
 
     __slots__ = ("_last", "_suppressed")
@@ -160,7 +160,7 @@ class Channel:
         self.aliases_in: dict[int, str] = {}
         #: topic -> the alias we set up for it towards this client (MQTT 5 3.3.2.3.4)
         self.aliases_out: dict[str, int] = {}
-        self.throttle = _Throttle()
+        self.throttle = Throttle()
 
     def describe(self) -> str:
         """``listener: client 'id' from <real address> via <proxy>`` for log lines."""

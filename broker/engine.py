@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.access import Gatekeeper, Refusal
 from broker.authorization import Authorizer, ClientRules
-from broker.channel import Channel, ChannelState
+from broker.channel import Channel, ChannelState, Throttle
 from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
 from broker.core.topics import RetainedStore, SubscriptionTrie
 from broker.metrics import MessageCounters
@@ -129,9 +129,8 @@ class EngineSession(Session):
         #: MQTT 5: a will waiting for its Will Delay Interval, and its timer.
         self.pending_will: Message | None = None
         self.will_timer: asyncio.TimerHandle | None = None
-        #: When a drop was last logged, and how many went unlogged since.
-        self.drop_logged = -1e9
-        self.drops_unlogged = 0
+        #: Its drops are logged once, then summarised (they may come while it is offline).
+        self.throttle = Throttle()
 
 
 class Engine:
@@ -725,26 +724,27 @@ class Engine:
         granted: list[tuple[str, int, int]] = []
         for subscription in packet.subscriptions:
             topic_filter = subscription.topic_filter
-            refused = None
+            refused = None  # (metrics label, why for the log)
             shared = _shared(topic_filter)
             real_filter = topic_filter if shared is None else shared[1]
             if topic_filter.startswith("$share/") and shared is None:  # 3.1.1: not a usable share
-                refused, code = "not $share/{name}/{filter}", reasons.TOPIC_FILTER_INVALID
+                refused, code = ("share_invalid", "not $share/{name}/{filter}"), reasons.TOPIC_FILTER_INVALID
             elif topic_filter.count("/") >= self.settings.max_topic_levels:
-                refused, code = "max_topic_levels", reasons.TOPIC_FILTER_INVALID
+                refused, code = ("max_topic_levels", "max_topic_levels"), reasons.TOPIC_FILTER_INVALID
             elif rules is not None and not rules.allows("subscribe", real_filter, is_filter=True):
-                refused, code = "authorization rules", reasons.NOT_AUTHORIZED
+                refused, code = ("authorization", "authorization rules"), reasons.NOT_AUTHORIZED
             elif limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
-                refused, code = f"mqtt.max_subscriptions {limit}", reasons.QUOTA_EXCEEDED
+                why = f"mqtt.max_subscriptions {limit}"
+                refused, code = ("mqtt.max_subscriptions", why), reasons.QUOTA_EXCEEDED
             if refused is not None:
-                self.counters.refused_subscriptions[refused.split()[0]] += 1
+                self.counters.refused_subscriptions[refused[0]] += 1
                 channel.throttle.log(
                     logging.INFO,
                     "client %r from %s may not subscribe to %r (%s)",
                     channel.client_id,
                     channel.address.describe(),
                     topic_filter,
-                    refused,
+                    refused[1],
                 )
                 codes.append(code if v5 else 0x80)
                 continue
@@ -819,19 +819,14 @@ class Engine:
     def _dropped(self, session: EngineSession, reason: str, delivery: Delivery) -> None:
         """A session dropped a delivery: count it, and log it without flooding."""
         self.counters.dropped[reason] += 1
-        now = time.monotonic()
-        if now - session.drop_logged < 10.0:
-            session.drops_unlogged += 1
-            return
-        unlogged, session.drops_unlogged, session.drop_logged = session.drops_unlogged, 0, now
-        logger.warning(
-            "client %r: message on %r dropped (%s; queue %d, mqtt.max_mqueue_len %s)%s",
+        session.throttle.log(
+            logging.WARNING,
+            "client %r: message on %r dropped (%s; queue %d, mqtt.max_mqueue_len %s)",
             session.client_id,
             delivery.message.topic,
             reason,
             len(session.queue),
             session.max_mqueue_len or "infinity",
-            f"; {unlogged} more dropped since the last report" if unlogged else "",
         )
 
     # ------------------------------------------------------------------ operators
