@@ -214,8 +214,12 @@ T = TypeVar("T")
 
 
 def setting(default: Any, parse: Callable[[Any], Any], dump: Callable[[Any], Any] = lambda v: v) -> Any:
-    """A dataclass field with its parser (raw YAML -> value) and dumper (value -> YAML)."""
-    return field(default=default, metadata={"parse": parse, "dump": dump})
+    """A dataclass field with its parser (raw YAML -> value) and dumper (value -> YAML); a
+    mapping default is copied for each instance."""
+    metadata = {"parse": parse, "dump": dump}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,39 @@ class AccessSettings:
         return self.deny.contains(ip) or (bool(self.allow) and not self.allow.contains(ip))
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` events per ``period`` seconds (``"10/s"``, ``"100/m"``, ``"5/10s"``)."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        unit = format_duration(self.period)
+        return f"{self.count}/{unit[1:] if unit.startswith('1') and unit[1:].isalpha() else unit}"
+
+
+def parse_rate(value: Any) -> Rate | None:
+    """``"10/s"``, ``"100/m"``, ``"5/10s"`` -> :class:`Rate`; ``infinity`` -> None (no limit).
+
+    Raises:
+        ValueError: not of that form, or a count or period of zero.
+    """
+    if value == "infinity":
+        return None
+    count, sep, period = str(value).partition("/") if isinstance(value, str) else ("", "", "")
+    if not sep or not count.strip().isdigit() or int(count) < 1:
+        raise ValueError(f"{value!r} is not a rate (e.g. '10/s', '100/m') or 'infinity'")
+    period = period.strip()
+    try:
+        seconds = parse_duration(period if period[:1].isdigit() else f"1{period}")
+    except ValueError:
+        raise ValueError(f"{value!r}: {period!r} is not a period (s, m, h or a duration like 10s)") from None
+    if seconds <= 0:
+        raise ValueError(f"{value!r}: the period must be longer than 0")
+    return Rate(int(count), seconds)
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     """One listener: ``listeners.<type>.<name>``."""
@@ -317,6 +354,10 @@ class ListenerSettings:
     ssl_options: SslOptions | None = field(default=None, metadata={"section": SslOptions})
     #: When set, replaces the global ``access`` for this listener.
     access: AccessSettings | None = field(default=None, metadata={"section": AccessSettings})
+    #: Per *real* client address (after PROXY / forwarded headers): connected clients at most, and
+    #: CONNECTs per period at most; beyond them CONNACK 0x97 / 0x9F (MQTT 5), closed (3.1.1).
+    max_connections_per_ip: int = setting(UNLIMITED, parse_max_connections, lambda v: v or "infinity")
+    max_conn_rate_per_ip: Rate | None = setting(None, parse_rate, lambda v: str(v) if v else "infinity")
 
     @property
     def id(self) -> str:
@@ -597,12 +638,299 @@ def parse_no_match(value: Any) -> str:
     return str(value)
 
 
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    """A parser accepting one of ``choices``; it raises ValueError for anything else."""
+
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
+
+
+def parse_url(value: Any) -> str:
+    """An ``http://`` or ``https://`` URL with a host (placeholders allowed in path and query).
+
+    Raises:
+        ValueError: anything else.
+    """
+    match = re.match(r"^https?://[^/?#\s]+", value) if isinstance(value, str) else None
+    if not match or re.search(r"\s", value):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL (e.g. 'http://127.0.0.1:8080/auth')")
+    return str(value)
+
+
+def parse_string_map(value: Any) -> dict[str, str]:
+    """A mapping of strings to strings (HTTP headers, a request body, JWT claims).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"{value!r} is not a mapping of strings to strings")
+    return dict(value)
+
+
+def parse_mapping(value: Any) -> dict[str, Any]:
+    """Any mapping (an amqtt plugin's own ``config``), checked by its consumer.
+
+    Raises:
+        ValueError: not a mapping.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not a mapping")
+    return dict(value)
+
+
+def parse_dotted_path(value: Any) -> str:
+    """A Python ``module.Class`` path.
+
+    Raises:
+        ValueError: not of that form.
+    """
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$", value):
+        raise ValueError(f"{value!r} is not a dotted path (e.g. 'amqtt.plugins.authentication.FileAuthPlugin')")
+    return value
+
+
+def _mask(value: str) -> str:
+    return "********" if value else ""
+
+
+def _mask_headers(headers: dict[str, str]) -> dict[str, str]:
+    secret = ("authorization", "proxy-authorization", "cookie", "x-api-key")
+    return {name: _mask(value) if name.lower() in secret else value for name, value in headers.items()}
+
+
+@dataclass(frozen=True)
+class HttpRequestSettings:
+    """An HTTP callout (EMQX's ``backend: http``): authentication, or an authorization source.
+
+    ``url``, ``headers`` and ``body`` may hold placeholders (``${clientid}``, ``${peerhost}``...),
+    each escaped for where it stands (URL, JSON, form).
+    """
+
+    enable: bool = setting(True, parse_bool)
+    method: str = setting("post", parse_choice("get", "post"))
+    url: str = setting("", parse_url)
+    headers: dict[str, str] = setting({"content-type": "application/json"}, parse_string_map, _mask_headers)
+    body: dict[str, str] = setting({}, parse_string_map)
+    request_timeout: float = setting(5.0, parse_duration, format_duration)
+    #: Connections kept open to the server (aiohttp's connector limit).
+    pool_size: int = setting(8, parse_count(1, 1024))
+
+
+#: Algorithms for new passwords in the built-in database (all three are verified).
+HASH_ALGORITHMS = ("argon2id", "bcrypt", "pbkdf2")
+
+
+@dataclass(frozen=True)
+class BuiltinDatabaseSettings:
+    """``mechanism: password_based, backend: built_in_database``: users in ``node.data_dir``."""
+
+    enable: bool = setting(True, parse_bool)
+    password_hash_algorithm: str = setting("argon2id", parse_choice(*HASH_ALGORITHMS))
+
+
+@dataclass(frozen=True)
+class PasswordFileSettings:
+    """``mechanism: password_based, backend: password_file``: a ``mosquitto_passwd`` file."""
+
+    enable: bool = setting(True, parse_bool)
+    path: str = setting("", parse_text)
+
+
+@dataclass(frozen=True)
+class HttpAuthSettings(HttpRequestSettings):
+    """``mechanism: password_based, backend: http``."""
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """``mechanism: jwt``: a signed token in the password (or username) field."""
+
+    enable: bool = setting(True, parse_bool)
+    algorithm: str = setting("hmac-based", parse_choice("hmac-based", "public-key"))
+    secret: str = setting("", parse_optional_text, _mask)
+    secret_base64_encoded: bool = setting(False, parse_bool)
+    #: A PEM public key (RSA or EC), or the path of a file holding one.
+    public_key: str = setting("", parse_optional_text)
+    token_from: str = setting("password", parse_choice("password", "username"))
+    #: Claims that must equal these values (placeholders: ``${clientid}``, ``${username}``).
+    verify_claims: dict[str, str] = setting({}, parse_string_map)
+
+
+@dataclass(frozen=True)
+class ScramSettings:
+    """``mechanism: scram, backend: built_in_database``: MQTT 5 enhanced authentication."""
+
+    enable: bool = setting(True, parse_bool)
+    algorithm: str = setting("sha256", parse_choice("sha256", "sha512"))
+    #: PBKDF2 iterations of the SCRAM keys stored for new passwords (RFC 7677's minimum).
+    iteration_count: int = setting(4096, parse_count(4096, 10_000_000))
+
+
+@dataclass(frozen=True)
+class AmqttPluginSettings:
+    """``mechanism: amqtt_plugin``: an amqtt ``BaseAuthPlugin`` hosted by its dotted path."""
+
+    enable: bool = setting(True, parse_bool)
+    plugin: str = setting("", parse_dotted_path)
+    config: dict[str, Any] = setting({}, parse_mapping)
+
+
+AuthenticatorSettings = (
+    BuiltinDatabaseSettings
+    | PasswordFileSettings
+    | HttpAuthSettings
+    | JwtSettings
+    | ScramSettings
+    | AmqttPluginSettings
+)
+
+#: (mechanism, backend) -> settings class; backend "" for mechanisms that have none.
+AUTHENTICATORS: dict[tuple[str, str], type[Any]] = {
+    ("password_based", "built_in_database"): BuiltinDatabaseSettings,
+    ("password_based", "password_file"): PasswordFileSettings,
+    ("password_based", "http"): HttpAuthSettings,
+    ("jwt", ""): JwtSettings,
+    ("scram", "built_in_database"): ScramSettings,
+    ("amqtt_plugin", ""): AmqttPluginSettings,
+}
+
+#: Settings class -> (mechanism, backend), for dumping.
+AUTHENTICATOR_KINDS = {cls: kind for kind, cls in AUTHENTICATORS.items()}
+
+#: Keys that each authenticator must set.
+_REQUIRED = {
+    PasswordFileSettings: ("path",),
+    HttpAuthSettings: ("url",),
+    AmqttPluginSettings: ("plugin",),
+}
+
+
+def _parse_authentication_into(
+    value: Any, path: str, problems: list[ConfigProblem]
+) -> tuple[AuthenticatorSettings, ...]:
+    """``authentication``: the chain, a list of ``{mechanism, backend, ...}`` entries."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(ConfigProblem(path, f"expected a list of authenticators, got {value!r}"))
+        return ()
+    chain: list[AuthenticatorSettings] = []
+    kinds = ", ".join(f"{m}/{b}" if b else m for m, b in AUTHENTICATORS)
+    for index, raw in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(raw, Mapping):
+            problems.append(ConfigProblem(where, f"expected a mapping with 'mechanism', got {raw!r}"))
+            continue
+        entry = dict(raw)
+        mechanism, backend = entry.pop("mechanism", None), entry.pop("backend", "")
+        cls = AUTHENTICATORS.get((mechanism, backend)) if isinstance(mechanism, str) else None
+        if cls is None:
+            problems.append(
+                ConfigProblem(where, f"mechanism {mechanism!r} backend {backend!r} is not one of: {kinds}")
+            )
+            continue
+        count = len(problems)
+        built = _build(cls, entry, where, problems)
+        for key in _REQUIRED.get(cls, ()):
+            if key not in entry:
+                problems.append(ConfigProblem(f"{where}.{key}", "required"))
+        if isinstance(built, JwtSettings) and len(problems) == count:
+            if built.algorithm == "hmac-based" and not built.secret:
+                problems.append(ConfigProblem(f"{where}.secret", "required with algorithm: hmac-based"))
+            if built.algorithm == "public-key" and not built.public_key:
+                problems.append(ConfigProblem(f"{where}.public_key", "required with algorithm: public-key"))
+        if cls is BuiltinDatabaseSettings and any(type(other) is cls for other in chain):
+            problems.append(ConfigProblem(where, "the built-in database is already in the chain"))
+        chain.append(built)
+    return tuple(chain)
+
+
+def _parse_sources_into(
+    value: Any, path: str, problems: list[ConfigProblem]
+) -> tuple[HttpRequestSettings, ...]:
+    """``authorization.sources``: callouts asked when no rule applies (``type: http``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(ConfigProblem(path, f"expected a list of sources, got {value!r}"))
+        return ()
+    sources = []
+    for index, raw in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(raw, Mapping) or raw.get("type") != "http":
+            problems.append(ConfigProblem(f"{where}.type", "a source is {type: http, url: ...}"))
+            continue
+        entry = {key: item for key, item in raw.items() if key != "type"}
+        if "url" not in entry:
+            problems.append(ConfigProblem(f"{where}.url", "required"))
+        sources.append(_build(HttpRequestSettings, entry, where, problems))
+    return tuple(sources)
+
+
+@dataclass(frozen=True)
+class AuthorizationCacheSettings:
+    """``authorization.cache``: per-client answers of the sources (EMQX's names and defaults)."""
+
+    enable: bool = setting(True, parse_bool)
+    max_size: int = setting(32, parse_count(1, 100_000))
+    ttl: float = setting(60.0, parse_duration, format_duration)
+
+
 @dataclass(frozen=True)
 class AuthorizationSettings:
-    """``authorization``: topic rules (see :mod:`broker.authorization`)."""
+    """``authorization``: topic rules (see :mod:`broker.authorization`), then sources."""
 
     rules: tuple[Rule, ...] = field(default=(), metadata={"rules": True})
+    sources: tuple[HttpRequestSettings, ...] = field(default=(), metadata={"sources": True})
     no_match: str = setting("allow", parse_no_match)
+    cache: AuthorizationCacheSettings = field(
+        default_factory=AuthorizationCacheSettings, metadata={"section": AuthorizationCacheSettings}
+    )
+
+
+def parse_anonymous(value: Any) -> bool | None:
+    """``auto`` (None: allowed only when no authenticator is configured), ``true`` or ``false``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value == "auto":
+        return None
+    return parse_bool(value)
+
+
+@dataclass(frozen=True)
+class FailureBanSettings:
+    """``authentication_policy.failure_ban``: EMQX's ``flapping_detect``, for failed
+    authentication and keyed on the client's *real* address."""
+
+    enable: bool = setting(True, parse_bool)
+    #: Failures from one address within ``window_time`` that ban it for ``ban_time``.
+    max_count: int = setting(10, parse_count(1, 1_000_000))
+    window_time: float = setting(60.0, parse_duration, format_duration)
+    ban_time: float = setting(300.0, parse_duration, format_duration)
+
+
+@dataclass(frozen=True)
+class AuthenticationPolicy:
+    """``authentication_policy``: what the chain does not decide itself."""
+
+    #: Clients that send neither username nor password.
+    allow_anonymous: bool | None = setting(
+        None, parse_anonymous, lambda v: "auto" if v is None else v
+    )
+    failure_ban: FailureBanSettings = field(
+        default_factory=FailureBanSettings, metadata={"section": FailureBanSettings}
+    )
 
 
 @dataclass(frozen=True)
@@ -624,6 +952,19 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     authorization: AuthorizationSettings = field(default_factory=AuthorizationSettings)
+    authentication: tuple[AuthenticatorSettings, ...] = ()
+    authentication_policy: AuthenticationPolicy = field(default_factory=AuthenticationPolicy)
+
+    @property
+    def allow_anonymous(self) -> bool:
+        """Whether clients without username and password are admitted (``auto``: only when no
+        authenticator is enabled)."""
+        configured = self.authentication_policy.allow_anonymous
+        return not self.authenticators() if configured is None else configured
+
+    def authenticators(self) -> tuple[AuthenticatorSettings, ...]:
+        """The enabled authenticators, in chain order."""
+        return tuple(entry for entry in self.authentication if entry.enable)
 
     def access_for(self, listener: ListenerSettings) -> AccessSettings:
         """The access rules of a listener: its own when it has them, else the global ones."""
@@ -691,6 +1032,8 @@ def _build(
             values[key] = _parse_networks_into(value, key_path, problems)
         elif "rules" in meta:
             values[key] = _parse_rules_into(value, key_path, problems)
+        elif "sources" in meta:
+            values[key] = _parse_sources_into(value, key_path, problems)
         elif "section" in meta:
             values[key] = _build(meta["section"], value, key_path, problems)
     return cls(**values)
@@ -814,7 +1157,17 @@ def _check_tls_rules(listener: ListenerSettings, path: str, problems: list[Confi
             )
 
 
-_SECTIONS = ("listeners", "node", "mqtt", "admin", "access", "audit", "authorization")
+_SECTIONS = (
+    "listeners",
+    "node",
+    "mqtt",
+    "admin",
+    "access",
+    "audit",
+    "authentication",
+    "authentication_policy",
+    "authorization",
+)
 
 
 def load_settings(raw: Any, source: str = "") -> Settings:
@@ -835,6 +1188,8 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     access = _build(AccessSettings, document.get("access"), "access", problems)
     audit = _build(AuditSettings, document.get("audit"), "audit", problems)
     authorization = _build(AuthorizationSettings, document.get("authorization"), "authorization", problems)
+    authentication = _parse_authentication_into(document.get("authentication"), "authentication", problems)
+    policy = _build(AuthenticationPolicy, document.get("authentication_policy"), "authentication_policy", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
         problems.append(
             ConfigProblem(
@@ -852,6 +1207,8 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         access=access,
         audit=audit,
         authorization=authorization,
+        authentication=authentication,
+        authentication_policy=policy,
     )
 
 
@@ -890,6 +1247,8 @@ def _dump_dataclass(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             out[f.name] = [str(network) for network in value]
         elif f.metadata.get("rules"):
             out[f.name] = [_dump_rule(rule) for rule in value]
+        elif f.metadata.get("sources"):
+            out[f.name] = [{"type": "http", **_dump_dataclass(source)} for source in value]
         elif dataclasses.is_dataclass(value):
             out[f.name] = _dump_dataclass(value)
         # None-valued optional sections (a tcp listener's websocket, an unset access) are left out.
@@ -919,5 +1278,13 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "admin": _dump_dataclass(settings.admin),
         "access": _dump_dataclass(settings.access),
         "audit": _dump_dataclass(settings.audit),
+        "authentication": [_dump_authenticator(entry) for entry in settings.authentication],
+        "authentication_policy": _dump_dataclass(settings.authentication_policy),
         "authorization": _dump_dataclass(settings.authorization),
     }
+
+
+def _dump_authenticator(entry: AuthenticatorSettings) -> dict[str, Any]:
+    mechanism, backend = AUTHENTICATOR_KINDS[type(entry)]
+    head = {"mechanism": mechanism, **({"backend": backend} if backend else {})}
+    return {**head, **_dump_dataclass(entry)}
