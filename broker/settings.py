@@ -694,7 +694,7 @@ def parse_dotted_path(value: Any) -> str:
         ValueError: not of that form.
     """
     if not isinstance(value, str) or not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$", value):
-        raise ValueError(f"{value!r} is not a dotted path (e.g. 'amqtt.plugins.authentication.FileAuthPlugin')")
+        raise ValueError(f"{value!r} is not a dotted path (e.g. 'package.module.PluginClass')")
     return value
 
 
@@ -925,9 +925,7 @@ class AuthenticationPolicy:
     """``authentication_policy``: what the chain does not decide itself."""
 
     #: Clients that send neither username nor password.
-    allow_anonymous: bool | None = setting(
-        None, parse_anonymous, lambda v: "auto" if v is None else v
-    )
+    allow_anonymous: bool | None = setting(None, parse_anonymous, lambda v: "auto" if v is None else v)
     failure_ban: FailureBanSettings = field(
         default_factory=FailureBanSettings, metadata={"section": FailureBanSettings}
     )
@@ -1189,7 +1187,8 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     audit = _build(AuditSettings, document.get("audit"), "audit", problems)
     authorization = _build(AuthorizationSettings, document.get("authorization"), "authorization", problems)
     authentication = _parse_authentication_into(document.get("authentication"), "authentication", problems)
-    policy = _build(AuthenticationPolicy, document.get("authentication_policy"), "authentication_policy", problems)
+    policy_raw = document.get("authentication_policy")
+    policy = _build(AuthenticationPolicy, policy_raw, "authentication_policy", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
         problems.append(
             ConfigProblem(
