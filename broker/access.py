@@ -1,35 +1,134 @@
-"""Who may connect: access lists and bans, decided on the real address (and client id, username).
+"""Who may connect: access lists, bans and per-address limits, decided on the real address.
 
 :class:`Gatekeeper` is asked twice: with the address alone as soon as a listener knows it (a
 WebSocket upgrade is answered 403), and with the CONNECT's client id and username before the
-engine touches any session (CONNACK 5).
+engine touches any session. It also keeps what is counted per *real* client address (after the
+PROXY header or forwarded headers, never the load balancer's): connections and CONNECT rate per
+listener (``max_connections_per_ip``, ``max_conn_rate_per_ip``), and failed authentications,
+which ban the address for a while (``authentication_policy.failure_ban``). One abusive client
+behind a load balancer is refused; its neighbours behind the same balancer are not.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-from broker.bans import BanStore
-from broker.settings import AccessSettings, Settings
+from broker.bans import Ban, BanError, BanStore
+from broker.mqtt import reasons
+from broker.settings import AccessSettings, FailureBanSettings, ListenerSettings, Rate, Settings
+from listeners.options import UNLIMITED
+
+logger = logging.getLogger(__name__)
+
+#: Addresses tracked at most per table (CONNECT rate per listener, authentication failures): an
+#: attacker cycling through many addresses (IPv6 gives him plenty) must not grow memory without
+#: bound. Past it the oldest entries are forgotten, which can only make a limit more lenient.
+MAX_TRACKED_ADDRESSES: Final = 100_000
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why a client is refused; ``reason`` is ``access`` or ``banned`` (metrics and audit label)."""
+    """Why a client is refused: ``reason`` is the metrics and audit label (``access``, ``banned``,
+    ``conn_rate``, ``connections_per_ip``...), ``message`` the log sentence, ``code`` the MQTT 5
+    CONNACK reason code."""
 
     reason: str
     message: str
+    code: int = reasons.NOT_AUTHORIZED
+
+
+class _RateLimiter:
+    """A token bucket per address: ``rate.count`` CONNECTs per ``rate.period``, refilled evenly."""
+
+    __slots__ = ("_buckets", "_rate")
+
+    def __init__(self, rate: Rate) -> None:
+        self._rate = rate
+        #: ip -> (tokens left, when last counted)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, ip: str, now: float) -> bool:
+        """Count one CONNECT from ``ip``; False when it is over the rate."""
+        rate = self._rate
+        tokens, last = self._buckets.pop(ip, (float(rate.count), now))
+        tokens = min(float(rate.count), tokens + (now - last) * rate.count / rate.period)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        if tokens < rate.count:  # a full bucket is the default: not worth remembering
+            self._buckets[ip] = (tokens, now)
+            _bound(self._buckets)
+        return allowed
+
+
+class _FailureCounter:
+    """Failed authentications per address within a window (EMQX's flapping detection, by address)."""
+
+    __slots__ = ("_failures", "_settings")
+
+    def __init__(self, settings: FailureBanSettings) -> None:
+        self._settings = settings
+        #: ip -> (failures, when the window started)
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def record(self, ip: str, now: float) -> int:
+        """Count one failure; returns the failures of ``ip`` in its current window."""
+        count, start = self._failures.pop(ip, (0, now))
+        if now - start > self._settings.window_time:
+            count, start = 0, now
+        count += 1
+        self._failures[ip] = (count, start)
+        _bound(self._failures)
+        return count
+
+    def forget(self, ip: str) -> None:
+        """``ip`` was banned: its count starts again. (A success does not reset it: one valid
+        account must not let an attacker guess others' passwords at will.)"""
+        self._failures.pop(ip, None)
+
+
+def _bound(table: dict[str, tuple[float, float]] | dict[str, tuple[int, float]]) -> None:
+    while len(table) > MAX_TRACKED_ADDRESSES:
+        del table[next(iter(table))]  # dicts keep insertion order: the oldest goes
 
 
 class Gatekeeper:
-    """Access rules per listener plus the runtime ban list."""
+    """Access rules per listener, the runtime ban list, and the per-address counts."""
 
-    def __init__(self, settings: Settings, bans: BanStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bans: BanStore,
+        *,
+        on_ban: Callable[[Ban, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``on_ban(ban, failures)`` is told of each address banned for failed authentications."""
         self.bans = bans
         self._access: dict[str, AccessSettings] = {
             listener.id: settings.access_for(listener) for listener in settings.listeners
         }
         self._global = settings.access
+        self._listeners: dict[str, ListenerSettings] = {
+            listener.id: listener for listener in settings.listeners
+        }
+        self._rates = {
+            listener.id: _RateLimiter(listener.max_conn_rate_per_ip)
+            for listener in settings.listeners
+            if listener.max_conn_rate_per_ip is not None
+        }
+        #: (listener id, ip) -> connected clients
+        self._connections: dict[tuple[str, str], int] = {}
+        self._failure_ban = settings.authentication_policy.failure_ban
+        self._failures = _FailureCounter(self._failure_ban)
+        self._on_ban = on_ban
+        self._clock = clock
+        #: Addresses banned for failed authentications since start (``/metrics``).
+        self.failure_bans = 0
 
     def check_address(self, listener_id: str, ip: str) -> Refusal | None:
         """Access lists, then ``peerhost`` bans. Never raises."""
@@ -39,18 +138,82 @@ class Gatekeeper:
             return Refusal("access", f"{ip} is refused by the {scope} access rules")
         ban = self.bans.match(ip)
         if ban is not None:
-            return Refusal("banned", f"{ip} is banned (peerhost {ban.value}{_why(ban.reason)})")
+            return Refusal(
+                "banned", f"{ip} is banned (peerhost {ban.value}{_why(ban.reason)})", reasons.BANNED
+            )
         return None
 
     def check_client(self, listener_id: str, ip: str, client_id: str, username: str | None) -> Refusal | None:
-        """:meth:`check_address`, then ``clientid`` and ``username`` bans. Never raises."""
+        """:meth:`check_address`, ``clientid`` and ``username`` bans, then the per-address limits
+        of the listener (this counts the CONNECT towards ``max_conn_rate_per_ip``). Never raises."""
         refusal = self.check_address(listener_id, ip)
         if refusal is not None:
             return refusal
         ban = self.bans.match(None, client_id, username)
         if ban is not None:
-            return Refusal("banned", f"{ban.kind} {ban.value!r} is banned{_why(ban.reason)}")
+            return Refusal("banned", f"{ban.kind} {ban.value!r} is banned{_why(ban.reason)}", reasons.BANNED)
+        listener = self._listeners.get(listener_id)
+        if listener is None:
+            return None
+        limit = listener.max_connections_per_ip
+        if limit != UNLIMITED and self._connections.get((listener_id, ip), 0) >= limit:
+            return Refusal(
+                "connections_per_ip",
+                f"{ip} has {limit} connections already "
+                f"(listeners.{listener.type}.{listener.name}.max_connections_per_ip)",
+                reasons.QUOTA_EXCEEDED,
+            )
+        limiter = self._rates.get(listener_id)
+        if limiter is not None and not limiter.take(ip, self._clock()):
+            return Refusal(
+                "conn_rate",
+                f"{ip} connects faster than {listener.max_conn_rate_per_ip} "
+                f"(listeners.{listener.type}.{listener.name}.max_conn_rate_per_ip)",
+                reasons.CONNECTION_RATE_EXCEEDED,
+            )
         return None
+
+    def connected(self, listener_id: str, ip: str) -> None:
+        """A client from ``ip`` was admitted on ``listener_id``."""
+        key = (listener_id, ip)
+        self._connections[key] = self._connections.get(key, 0) + 1
+
+    def disconnected(self, listener_id: str, ip: str) -> None:
+        """A client admitted with :meth:`connected` is gone."""
+        key = (listener_id, ip)
+        left = self._connections.get(key, 0) - 1
+        if left > 0:
+            self._connections[key] = left
+        else:
+            self._connections.pop(key, None)
+
+    def authentication_failed(self, ip: str) -> Ban | None:
+        """Count a failed authentication from ``ip``; ban the address once it has failed
+        ``max_count`` times within ``window_time``. Returns the new ban. Never raises (a ban that
+        cannot be written is logged, and the address counted again)."""
+        settings = self._failure_ban
+        if not settings.enable:
+            return None
+        now = self._clock()
+        count = self._failures.record(ip, now)
+        if count < settings.max_count:
+            return None
+        self._failures.forget(ip)
+        wall = time.time()
+        reason = (
+            f"{count} failed authentications within {settings.window_time:g}s "
+            "(authentication_policy.failure_ban)"
+        )
+        try:
+            ban = self.bans.add(Ban("peerhost", ip, reason, "failure_ban", wall, wall + settings.ban_time))
+        except BanError as exc:
+            logger.error("cannot ban %s after %d failed authentications: %s", ip, count, exc)
+            return None
+        self.failure_bans += 1
+        logger.warning("%s banned for %gs: %s", ip, settings.ban_time, reason)
+        if self._on_ban is not None:
+            self._on_ban(ban, count)
+        return ban
 
 
 def _why(reason: str) -> str:

@@ -116,8 +116,14 @@ class AdminServer:
         self._engine = engine
         self._listeners = listeners
         self._operations = operations
+        gatekeeper = engine.gatekeeper
         self._collector = BrokerCollector(
-            lambda: self._listeners, engine.counters, engine.count, engine.stats
+            lambda: self._listeners,
+            engine.counters,
+            engine.count,
+            engine.stats,
+            authentication=lambda: engine.auth.results,
+            failure_bans=lambda: gatekeeper.failure_bans if gatekeeper is not None else 0,
         )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None

@@ -42,6 +42,10 @@ ACCEPTED_LEVELS = frozenset({4, 5})
 #: 65535) is not taken as it is.
 MAX_OUTBOUND_ALIASES = 256
 
+#: Packets a client may send after its CONNECT before the CONNACK (while it is authenticated):
+#: reading stops meanwhile, so this only caps what one read brought.
+MAX_HELD_PACKETS = 1000
+
 #: Seconds between two log lines about the same client-caused condition (dropped messages,
 #: refused publishes): the first is logged at once, the rest are counted and summarised.
 LOG_INTERVAL = 10.0
@@ -95,6 +99,7 @@ class Channel:
         "address",
         "aliases_in",
         "aliases_out",
+        "authenticated",
         "clean_start",
         "client_id",
         "closed",
@@ -102,12 +107,16 @@ class Channel:
         "dirty",
         "end_reason",
         "engine",
+        "handlers",
+        "held",
+        "is_superuser",
         "keepalive",
         "last_received",
         "link",
         "listener_id",
         "max_packet_out",
         "paused",
+        "pending",
         "problem_info",
         "protocol",
         "receive_maximum",
@@ -161,6 +170,14 @@ class Channel:
         #: topic -> the alias we set up for it towards this client (MQTT 5 3.3.2.3.4)
         self.aliases_out: dict[str, int] = {}
         self.throttle = Throttle()
+        #: The packet handlers in force: the normal ones, or those of a CONNECT being decided.
+        self.handlers = _HANDLERS
+        #: Packets that arrived while the CONNECT was being authenticated (None: not holding).
+        self.held: list[mp.Packet] | None = None
+        #: The authentication under way: its task, or an enhanced-authentication exchange.
+        self.pending: Any = None
+        self.authenticated = False
+        self.is_superuser = False
 
     def describe(self) -> str:
         """``listener: client 'id' from <real address> via <proxy>`` for log lines."""
@@ -177,9 +194,9 @@ class Channel:
         self.last_received = self.engine.loop.time()
         protocol = self.protocol
         packets = protocol.receive_data(data)
-        handlers = _HANDLERS
         for packet in packets:
-            handlers[type(packet)](self, packet)
+            # Looked up per packet: a CONNECT may switch to the holding (or AUTH) handlers.
+            self.handlers[type(packet)](self, packet)
             if self.closed:
                 return
         if protocol.close_requested:
@@ -196,6 +213,7 @@ class Channel:
         self.state = ChannelState.CLOSED
         self.closed = True
         self._cancel_timer()
+        self._cancel_pending()
         self.engine.forget(self)
         if self.session is not None:
             self.engine.detach(self, self.end_reason or "connection_lost")
@@ -319,6 +337,7 @@ class Channel:
         self.state = ChannelState.CLOSED
         self.closed = True
         self._cancel_timer()
+        self._cancel_pending()
         self.flush()
         self.link.close()
         if was_connected:
@@ -329,6 +348,57 @@ class Channel:
         if self.end_reason is None:
             self.end_reason = reason
         self.link.abort()
+
+    # ------------------------------------------------------------------ authentication
+
+    def hold(self) -> None:
+        """The CONNECT is being authenticated: hold what follows it, and stop reading (so what
+        is held is at most what one read brought; :data:`MAX_HELD_PACKETS` caps it anyway)."""
+        self.held = []
+        self.handlers = _HOLDING
+        self.link.pause_reading()
+
+    def release(self) -> None:
+        """The CONNECT was decided (and answered): handle what was held, in order, then read on."""
+        held, self.held = self.held, None
+        self.handlers = _HANDLERS
+        if held is None or self.closed:
+            return
+        for packet in held:
+            self.handlers[type(packet)](self, packet)
+            if self.closed:
+                return
+        if not self.paused:
+            self.link.resume_reading()
+
+    def expect_auth(self) -> None:
+        """MQTT 5 enhanced authentication goes on: only AUTH or DISCONNECT may come now."""
+        self.handlers = _AUTHENTICATING
+
+    def _cancel_pending(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None and hasattr(pending, "cancel"):
+            pending.cancel()
+
+    def _hold_packet(self, packet: mp.Packet) -> None:
+        held = self.held
+        if held is None:
+            return
+        if len(held) >= MAX_HELD_PACKETS:
+            self.violation(0, f"sent more than {MAX_HELD_PACKETS} packets before its CONNACK")
+            return
+        held.append(packet)
+
+    def _on_auth(self, packet: mp.Auth) -> None:
+        self.handlers = _HANDLERS
+        self.engine.continue_exchange(self, packet)
+
+    def _on_early_packet(self, packet: mp.Packet) -> None:
+        self.violation(
+            reasons.PROTOCOL_ERROR,
+            f"sent a {type(packet).__name__} before its CONNACK during enhanced authentication "
+            "[MQTT-3.1.2-30]",
+        )
 
     # ------------------------------------------------------------------ timers
 
@@ -379,7 +449,7 @@ class Channel:
     # ------------------------------------------------------------------ packets
 
     def _on_connect(self, packet: mp.Connect) -> None:
-        self._cancel_timer()
+        # The idle timer runs on until CONNACK: it bounds a slow authentication too.
         self.engine.admit(self, packet)
 
     def _on_publish(self, packet: mp.Publish) -> None:
@@ -398,7 +468,7 @@ class Channel:
             if not topic:
                 return
             if "subscription_identifier" in properties:
-                self._violation(
+                self.violation(
                     reasons.PROTOCOL_ERROR, "sent a Subscription Identifier in a PUBLISH [MQTT-3.3.4-6]"
                 )
                 return
@@ -407,12 +477,12 @@ class Channel:
             if fresh is None:
                 engine.counters.dropped["awaiting_rel_full"] += 1
                 if v5:  # we announced it as our Receive Maximum
-                    self._violation(
+                    self.violation(
                         reasons.RECEIVE_MAXIMUM_EXCEEDED,
                         f"has {session.max_awaiting_rel} QoS 2 messages awaiting PUBREL (Receive Maximum)",
                     )
                 else:
-                    self._violation(
+                    self.violation(
                         0,
                         f"has {session.max_awaiting_rel} QoS 2 messages awaiting PUBREL "
                         "(mqtt.max_awaiting_rel)",
@@ -447,7 +517,7 @@ class Channel:
             return topic
         limit = self.engine.settings.max_topic_alias
         if not 0 < alias <= limit:
-            self._violation(
+            self.violation(
                 reasons.TOPIC_ALIAS_INVALID, f"used topic alias {alias} (mqtt.max_topic_alias {limit})"
             )
             return ""
@@ -456,11 +526,11 @@ class Channel:
             return topic
         known = self.aliases_in.get(alias)
         if known is None:
-            self._violation(reasons.PROTOCOL_ERROR, f"used topic alias {alias} before setting it")
+            self.violation(reasons.PROTOCOL_ERROR, f"used topic alias {alias} before setting it")
             return ""
         return known
 
-    def _violation(self, code: int, what: str) -> None:
+    def violation(self, code: int, what: str) -> None:
         """The client broke a rule the decoder cannot see: log, DISCONNECT (MQTT 5), close."""
         logger.warning("%s %s; closing", self.describe(), what)
         if code:
@@ -510,7 +580,7 @@ class Channel:
             expiry = packet.properties.get("session_expiry_interval")
             if expiry is not None:
                 if self.session is not None and self.session.expiry_interval == 0 and expiry:
-                    self._violation(
+                    self.violation(
                         reasons.PROTOCOL_ERROR, "set a session expiry at DISCONNECT after 0 [MQTT-3.14.2-2]"
                     )
                     return
@@ -524,7 +594,7 @@ class Channel:
     def _on_unexpected(self, packet: mp.Packet) -> None:
         # The protocol already refuses what a client may never send; AUTH without an
         # authentication method at CONNECT (the only kind admitted) is a protocol error.
-        self._violation(reasons.PROTOCOL_ERROR, f"sent an unexpected {type(packet).__name__}")
+        self.violation(reasons.PROTOCOL_ERROR, f"sent an unexpected {type(packet).__name__}")
 
 
 _HANDLERS: dict[type[Any], Any] = {
@@ -543,4 +613,14 @@ _HANDLERS: dict[type[Any], Any] = {
     mp.Unsuback: Channel._on_unexpected,
     mp.Pingresp: Channel._on_unexpected,
     mp.Auth: Channel._on_unexpected,
+}
+
+#: While a CONNECT is authenticated: everything waits.
+_HOLDING: dict[type[Any], Any] = dict.fromkeys(_HANDLERS, Channel._hold_packet)
+
+#: During MQTT 5 enhanced authentication: AUTH continues it, DISCONNECT ends it.
+_AUTHENTICATING: dict[type[Any], Any] = {
+    **dict.fromkeys(_HANDLERS, Channel._on_early_packet),
+    mp.Auth: Channel._on_auth,
+    mp.Disconnect: Channel._on_disconnect,
 }

@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.access import Gatekeeper, Refusal
+from broker.auth.base import Credentials
+from broker.auth.chain import AuthChain, Decision
 from broker.authorization import Authorizer, ClientRules
 from broker.channel import Channel, ChannelState, Throttle
 from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
 from broker.core.topics import RetainedStore, SubscriptionTrie
+from broker.errors import RealIPError
 from broker.metrics import MessageCounters
 from broker.mqtt import packets as mp
 from broker.mqtt import reasons
@@ -59,6 +62,30 @@ TOPIC_TOO_DEEP = "topic_levels"
 RETAINED_FULL = "retained_full"
 
 
+#: CONNACK refusals that 3.1.1 cannot express: the connection is just closed.
+_CLOSED_AT_V3 = frozenset({reasons.CONNECTION_RATE_EXCEEDED, reasons.QUOTA_EXCEEDED})
+
+#: A verified client certificate named the user (``peer_cert_as_username``).
+CERTIFIED = Decision(reasons.SUCCESS, authenticated=True, by="peer_cert_as_username")
+
+
+def _denied(method: str, message: str) -> Decision:
+    return Decision(
+        reasons.BAD_USERNAME_OR_PASSWORD, "bad_credentials", f"{method}: {message}", failure=True, by=method
+    )
+
+
+@dataclass(slots=True)
+class Admission:
+    """A CONNECT on its way through authentication."""
+
+    connect: mp.Connect
+    client_id: str
+    username: str | None
+    assigned: bool
+    credentials: Credentials
+
+
 @dataclass(frozen=True, slots=True)
 class SessionView:
     """A connected client as operators see it (no engine internals leak out)."""
@@ -80,6 +107,9 @@ class SessionView:
     expiry_interval: float = 0.0
     receive_maximum: int = 65535
     topic_alias_maximum: int = 0
+    #: Whether an authenticator proved the username; whether it is a superuser (no rules apply).
+    authenticated: bool = False
+    is_superuser: bool = False
 
 
 class EngineHooks(Protocol):
@@ -102,6 +132,18 @@ class EngineHooks(Protocol):
         username: str | None,
     ) -> None:
         """A CONNECT was refused (CONNACK 2 or 5)."""
+        return None
+
+    def auth_failed(  # noqa: PLR0917 - what the audit record holds
+        self,
+        listener_id: str,
+        address: ClientAddress,
+        refusal: Refusal,
+        client_id: str,
+        username: str | None,
+        by: str,
+    ) -> None:
+        """A CONNECT was refused by authentication (``by`` the authenticator that decided)."""
         return None
 
 
@@ -144,10 +186,12 @@ class Engine:
         gatekeeper: Gatekeeper | None = None,
         hooks: EngineHooks | None = None,
         authorizer: Authorizer | None = None,
+        auth: AuthChain | None = None,
     ) -> None:
         self.settings = settings
+        self.auth = auth or AuthChain()
         self._cert_username = {listener.id for listener in listeners if listener.peer_cert_as_username}
-        self._gatekeeper = gatekeeper
+        self.gatekeeper = gatekeeper
         self._hooks: EngineHooks = hooks or _NoHooks()
         self._authorizer = authorizer or Authorizer()
         self.counters = MessageCounters()
@@ -223,26 +267,40 @@ class Engine:
     # ------------------------------------------------------------------ admission
 
     def admit(self, channel: Channel, connect: mp.Connect) -> None:
-        """Decide a CONNECT, then attach the connection to its session and answer CONNACK."""
+        """Decide a CONNECT, then attach the connection to its session and answer CONNACK.
+
+        In order: the client id; access lists, bans and the listener's per-address limits (all on
+        the real address); then authentication. An authenticator that must be awaited (a password
+        hash in a worker thread, an HTTP callout) runs in one task for this CONNECT while the
+        connection's further packets are held, unread, until the decision [MQTT-3.1.4-5]; MQTT 5
+        enhanced authentication (SCRAM) goes on with AUTH packets. Nothing touches a session
+        before the client is admitted.
+        """
         settings = self.settings
         v5 = connect.proto_level == 5
         props = connect.properties
         channel.problem_info = not v5 or props.get("request_problem_information", 1) == 1
         client_id = connect.client_id
         assigned = False
-        if v5 and "authentication_method" in props:
-            # Enhanced authentication (AUTH packets) is not offered: no method is known.
-            method = props["authentication_method"]
-            unknown = Refusal("auth_method", f"authentication method {method!r} is not supported")
-            self._refuse(channel, connect, unknown, reasons.BAD_AUTHENTICATION_METHOD)
+        method = props.get("authentication_method") if v5 else None
+        if method is not None and method not in self.auth.enhanced:
+            unknown = Refusal(
+                "auth_method",
+                f"authentication method {method!r} is not offered",
+                reasons.BAD_AUTHENTICATION_METHOD,
+            )
+            self._refuse(channel, connect, unknown)
             return
         if not client_id:
             if not connect.clean_start and not v5:
                 self._refuse(
                     channel,
                     connect,
-                    Refusal("client_id", "[MQTT-3.1.3-8] a zero-length client id needs clean session 1"),
-                    reasons.CLIENT_IDENTIFIER_NOT_VALID,
+                    Refusal(
+                        "client_id",
+                        "[MQTT-3.1.3-8] a zero-length client id needs clean session 1",
+                        reasons.CLIENT_IDENTIFIER_NOT_VALID,
+                    ),
                 )
                 return
             client_id = f"auto-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6] the server assigns one
@@ -250,25 +308,141 @@ class Engine:
         elif len(client_id) > settings.max_clientid_len:
             limit = settings.max_clientid_len
             message = f"client id of {len(client_id)} characters (mqtt.max_clientid_len {limit})"
-            self._refuse(channel, connect, Refusal("client_id", message), reasons.CLIENT_IDENTIFIER_NOT_VALID)
+            self._refuse(channel, connect, Refusal("client_id", message, reasons.CLIENT_IDENTIFIER_NOT_VALID))
             return
         username = connect.username
+        certified = None
         if channel.listener_id in self._cert_username:
             # peer_cert_as_username: cn. The username is the verified certificate's CN, whatever
             # the client sent; without one the client has no username (it cannot claim one).
             tls = channel.address.tls
-            username = tls.cert_cn if tls is not None and tls.cert_verified and tls.cert_cn else None
+            certified = tls.cert_cn if tls is not None and tls.cert_verified and tls.cert_cn else None
+            username = certified
         ip = channel.address.ip
-        rules = self._authorizer.for_client(client_id, username, ip)
-        refusal = None
-        if self._gatekeeper is not None:
-            refusal = self._gatekeeper.check_client(channel.listener_id, ip, client_id, username)
-        if refusal is None and connect.will is not None:
-            refusal = self._check_will(connect.will.topic, rules)
-        if refusal is not None:
-            code = reasons.BANNED if refusal.reason == "banned" and v5 else reasons.NOT_AUTHORIZED
-            self._refuse(channel, connect, refusal, code, client_id=client_id, username=username)
+        if self.gatekeeper is not None:
+            refusal = self.gatekeeper.check_client(channel.listener_id, ip, client_id, username)
+            if refusal is not None:
+                self._refuse(channel, connect, refusal, client_id=client_id, username=username)
+                return
+        tls = channel.address.tls
+        credentials = Credentials(
+            client_id,
+            username,
+            connect.password,
+            channel.address,
+            channel.listener_id,
+            connect.proto_level,
+            tls.cert_cn if tls is not None and tls.cert_verified else None,
+        )
+        admission = Admission(connect, client_id, username, assigned, credentials)
+        if method is not None:
+            self._start_exchange(channel, admission, method, props.get("authentication_data", b""))
             return
+        # A verified certificate on a peer_cert_as_username listener is the client's identity.
+        decision = CERTIFIED if certified is not None else self.auth.decide_now(credentials)
+        if decision is not None:
+            self._decided(channel, admission, decision)
+            return
+        channel.hold()
+        channel.pending = self.loop.create_task(self._authenticate(channel, admission))
+
+    async def _authenticate(self, channel: Channel, admission: Admission) -> None:
+        try:
+            decision = await self.auth.authenticate(admission.credentials)
+        except Exception:  # the chain never raises; if it did, the client must not hang
+            logger.exception("%s: authentication failed unexpectedly", channel.describe())
+            decision = Decision(reasons.SERVER_UNAVAILABLE, "auth_unavailable", "authentication failed")
+        channel.pending = None
+        if not channel.closed:
+            self._decided(channel, admission, decision)
+
+    def _start_exchange(self, channel: Channel, admission: Admission, method: str, data: bytes) -> None:
+        """MQTT 5 4.12: answer the CONNECT's Authentication Data with AUTH 0x18 (continue)."""
+        exchange = self.auth.enhanced[method]()
+        try:
+            challenge = exchange.first(data)
+        except RealIPError as exc:
+            self._decided(channel, admission, _denied(method, str(exc)))
+            return
+        channel.pending = (exchange, admission, method)
+        channel.expect_auth()
+        channel.send(
+            mp.Auth(
+                reasons.CONTINUE_AUTHENTICATION,
+                {"authentication_method": method, "authentication_data": challenge},
+            )
+        )
+
+    def continue_exchange(self, channel: Channel, packet: mp.Auth) -> None:
+        """The client's AUTH during enhanced authentication: its proof, then CONNACK."""
+        exchange, admission, method = channel.pending
+        channel.pending = None
+        props = packet.properties
+        if (
+            packet.reason_code != reasons.CONTINUE_AUTHENTICATION
+            or props.get("authentication_method") != method
+        ):
+            channel.violation(
+                reasons.PROTOCOL_ERROR, f"sent an AUTH that does not continue {method} [MQTT-4.12.0-5]"
+            )
+            return
+        try:
+            final = exchange.final(props.get("authentication_data", b""))
+        except RealIPError as exc:
+            self._decided(channel, admission, _denied(method, str(exc)))
+            return
+        user = exchange.username or ""
+        if admission.username is not None and admission.username != user:
+            message = f"the CONNECT's username {admission.username!r} is not the {method} user {user!r}"
+            self._decided(channel, admission, _denied(method, message))
+            return
+        admission.username = user
+        decision = Decision(
+            reasons.SUCCESS, authenticated=True, is_superuser=self.auth.is_superuser(user), by=method
+        )
+        self._decided(
+            channel, admission, decision, {"authentication_method": method, "authentication_data": final}
+        )
+
+    def _decided(
+        self, channel: Channel, admission: Admission, decision: Decision, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Admit, or refuse, a client whose authentication is decided."""
+        if decision.admitted:
+            self._attach(channel, admission, decision, extra)
+            channel.release()
+            return
+        connect, address = admission.connect, channel.address
+        refusal = Refusal(decision.reason, decision.message, decision.code)
+        self._refuse(
+            channel, connect, refusal, client_id=admission.client_id, username=admission.username, audit=False
+        )
+        self._hooks.auth_failed(
+            channel.listener_id, address, refusal, admission.client_id, admission.username, decision.by
+        )
+        if decision.failure and self.gatekeeper is not None:
+            self.gatekeeper.authentication_failed(address.ip)
+
+    def _attach(
+        self, channel: Channel, admission: Admission, decision: Decision, extra: dict[str, Any] | None
+    ) -> None:
+        """Attach an admitted client to its session and answer CONNACK."""
+        settings = self.settings
+        connect, client_id, username = admission.connect, admission.client_id, admission.username
+        v5 = connect.proto_level == 5
+        props = connect.properties
+        ip = channel.address.ip
+        # Only a proven username can match rules that name one, or fill ${username}.
+        rules = (
+            None
+            if decision.is_superuser
+            else self._authorizer.for_client(client_id, username if decision.authenticated else None, ip)
+        )
+        if connect.will is not None:
+            refusal = self._check_will(connect.will.topic, rules)
+            if refusal is not None:
+                self._refuse(channel, connect, refusal, client_id=client_id, username=username)
+                return
         # Session expiry: MQTT 3.1.1 persistent sessions last mqtt.session_expiry_interval; an
         # MQTT 5 client asks for its own, capped at it (and told so in CONNACK) [MQTT-3.1.2-23].
         maximum = settings.session_expiry_interval
@@ -287,6 +461,10 @@ class Engine:
         channel.will = connect.will
         channel.rules = rules
         channel.session = session
+        channel.authenticated = decision.authenticated
+        channel.is_superuser = decision.is_superuser
+        if self.gatekeeper is not None:
+            self.gatekeeper.connected(channel.listener_id, ip)
         receive_maximum = int(props.get("receive_maximum", 65535)) if v5 else 65535
         channel.receive_maximum = receive_maximum
         channel.max_packet_out = int(props.get("maximum_packet_size", 0)) if v5 else 0
@@ -313,10 +491,12 @@ class Engine:
         connack: dict[str, Any] = {}
         if v5:
             connack = self._connack_properties(
-                channel, props, requested, expiry, client_id if assigned else None
+                channel, props, requested, expiry, client_id if admission.assigned else None
             )
             if settings.server_keepalive:
                 channel.keepalive = settings.server_keepalive
+            if extra:
+                connack.update(extra)
         channel.send(mp.Connack(present, 0, connack))  # [MQTT-3.2.2-2] session present
         channel.connected_at = time.time()
         logger.info("%s connected", channel.describe())
@@ -364,25 +544,31 @@ class Engine:
         channel: Channel,
         connect: mp.Connect,
         refusal: Refusal,
-        code: int,
         *,
         client_id: str | None = None,
         username: str | None = None,
+        audit: bool = True,
     ) -> None:
+        """Answer a refusing CONNACK and close; counted by reason, logged, audited as ``refused``
+        unless ``audit`` is False (an authentication failure is audited as ``auth_failed``)."""
         client_id = connect.client_id if client_id is None else client_id
         username = connect.username if username is None else username
         logger.warning(
             "%s: client %r refused: %s [%s]", channel.describe(), client_id, refusal.message, refusal.reason
         )
         self.counters.refused[refusal.reason] += 1
-        self._hooks.refused(channel.listener_id, channel.address, refusal.reason, client_id, username)
+        if audit:
+            self._hooks.refused(channel.listener_id, channel.address, refusal.reason, client_id, username)
+        if connect.proto_level != 5 and refusal.code in _CLOSED_AT_V3:
+            channel.close("refused")  # no 3.1.1 return code says "too many": closed, as EMQX does
+            return
         # [MQTT-3.2.2-4] a refusing CONNACK has session present 0; then close [MQTT-3.2.2-5]. An
         # MQTT 5 client that allows it is told why, with the address the decision was made on.
         properties = None
         if channel.problem_info and connect.proto_level == 5:
             why = f"{refusal.message} [{refusal.reason}] (client {channel.address.peername})"
             properties = {"reason_string": why}
-        channel.protocol.refuse(code, properties)
+        channel.protocol.refuse(refusal.code, properties)
         channel.close("refused")
 
     def _check_will(self, topic: str, rules: ClientRules | None) -> Refusal | None:
@@ -433,7 +619,11 @@ class Engine:
         session = channel.session
         channel.session = None
         channel.retained.clear()
-        if session is None or session.channel is not channel:
+        if session is None:
+            return
+        if self.gatekeeper is not None:  # counted when attached
+            self.gatekeeper.disconnected(channel.listener_id, channel.address.ip)
+        if session.channel is not channel:
             return
         view = self._view(channel, session)
         session.channel = None
@@ -848,6 +1038,8 @@ class Engine:
             expiry_interval=session.expiry_interval,
             receive_maximum=channel.receive_maximum,
             topic_alias_maximum=channel.topic_alias_maximum,
+            authenticated=channel.authenticated,
+            is_superuser=channel.is_superuser,
         )
 
     def sessions(self) -> list[SessionView]:

@@ -8,7 +8,7 @@ them, the listeners' :class:`~listeners.connection.ListenerStats` and the live s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,17 +52,23 @@ class StatsSource(Protocol):
 class BrokerCollector(Collector):
     """Builds every metric from live state at each scrape."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the state each metric is read from
         self,
         listeners: Callable[[], Iterable[StatsSource]],
         messages: MessageCounters,
         sessions: Callable[[], int],
         sizes: Callable[[], dict[str, int]] = dict,
+        authentication: Callable[[], Mapping[tuple[str, str], int]] = dict,
+        failure_bans: Callable[[], int] = int,
     ) -> None:
+        """``authentication``: answers by (authenticator, result); ``failure_bans``: addresses
+        banned for failed authentications."""
         self._listeners = listeners
         self._messages = messages
         self._sessions = sessions
         self._sizes = sizes
+        self._authentication = authentication
+        self._failure_bans = failure_bans
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus-client)."""
@@ -113,6 +119,19 @@ class BrokerCollector(Collector):
             for reason, count in sorted(counts.items()):
                 family.add_metric([reason], count)
             yield family
+        answers = CounterMetricFamily(
+            "realip_authentication",
+            "Authenticator answers, by authenticator and result (allow, deny, ignore, error)",
+            labels=["authenticator", "result"],
+        )
+        for (name, result), count in sorted(self._authentication().items()):
+            answers.add_metric([name, result], count)
+        yield answers
+        bans = CounterMetricFamily(
+            "realip_auth_failure_bans", "Client addresses banned for failed authentications"
+        )
+        bans.add_metric([], self._failure_bans())
+        yield bans
         sizes = self._sizes()
         for key, help_text in (
             ("sessions", "Sessions held, connected or not"),

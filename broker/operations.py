@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from broker.access import Refusal
 from broker.audit import AuditLog, address_fields
 from broker.bans import Ban, BanStore, parse_until
 from broker.engine import Engine, SessionView
@@ -58,6 +59,39 @@ class AuditTrail:
             username=username,
             reason=reason,
             **address_fields(address),
+        )
+
+    def auth_failed(  # noqa: PLR0917 - EngineHooks' signature
+        self,
+        listener_id: str,
+        address: ClientAddress,
+        refusal: Refusal,
+        client_id: str,
+        username: str | None,
+        by: str,
+    ) -> None:
+        """A CONNECT was refused by authentication: one ``auth_failed`` line with the real and the
+        proxy address (the fail2ban filter in README.md reads it)."""
+        self.log.write(
+            "auth_failed",
+            **address_fields(address),
+            listener=listener_id,
+            clientid=client_id,
+            username=username,
+            reason=refusal.reason,
+            by=by or None,
+            code=f"0x{refusal.code:02X}",
+        )
+
+    def failure_ban(self, ban: Ban, failures: int) -> None:
+        """An address was banned for its failed authentications (``Gatekeeper``'s ``on_ban``)."""
+        self.log.write(
+            "ban_added",
+            **{"as": ban.kind, "who": ban.value},
+            reason=ban.reason,
+            by=ban.by,
+            until=ban.until,
+            failures=failures,
         )
 
     def listener_refused(self, listener_id: str, address: ClientAddress, reason: str) -> None:
