@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.auth.builtin import UserError
 from broker.bans import BanError
 from broker.engine import Engine, SessionView
 from broker.errors import RealIPError
@@ -68,6 +70,8 @@ def client_json(view: SessionView) -> dict[str, Any]:
     return {
         "clientid": view.client_id,
         "username": view.username,
+        "authenticated": view.authenticated,
+        "is_superuser": view.is_superuser,
         "ip_address": address.ip,
         "port": address.port,
         "proxy_address": address.proxy_ip,
@@ -106,6 +110,33 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return int(raw)
 
 
+async def _json_object(request: web.Request, *, required: set[str], optional: set[str]) -> dict[str, Any]:
+    """The request's JSON object body with exactly these fields.
+
+    Raises:
+        web.HTTPBadRequest: not a JSON object, a required field missing, or an unknown field.
+    """
+
+    def bad(message: str) -> web.HTTPBadRequest:
+        return web.HTTPBadRequest(
+            text=json.dumps({"code": "BAD_REQUEST", "message": message}), content_type="application/json"
+        )
+
+    try:
+        body = await request.json()
+    except ValueError:
+        raise bad("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object")
+    unknown = set(body) - required - optional
+    if unknown:
+        raise bad(f"unknown fields: {', '.join(sorted(unknown))}")
+    missing = required - set(body)
+    if missing:
+        raise bad(f"missing fields: {', '.join(sorted(missing))}")
+    return body
+
+
 class AdminServer:
     """The admin API of one broker process."""
 
@@ -142,6 +173,11 @@ class AdminServer:
                 web.get("/api/v1/banned", self._bans),
                 web.post("/api/v1/banned", self._ban),
                 web.delete("/api/v1/banned/{kind}/{who:.+}", self._unban),
+                web.get("/api/v1/authentication/users", self._users),
+                web.post("/api/v1/authentication/users", self._add_user),
+                web.get("/api/v1/authentication/users/{user_id}", self._user),
+                web.put("/api/v1/authentication/users/{user_id}", self._update_user),
+                web.delete("/api/v1/authentication/users/{user_id}", self._delete_user),
                 web.get("/metrics", self._metrics),
             ]
         )
@@ -308,6 +344,53 @@ class AdminServer:
             return _error(400, "BAD_REQUEST", str(exc))
         if removed is None:
             return _error(404, "NOT_FOUND", f"no {kind} ban on {who}")
+        return web.Response(status=204)
+
+    async def _users(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [user.as_json() for user in self._operations.users.list()]})
+
+    async def _user(self, request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        user = self._operations.users.get(user_id)
+        if user is None:
+            return _error(404, "NOT_FOUND", f"no user {user_id}")
+        return web.json_response(user.as_json())
+
+    async def _add_user(self, request: web.Request) -> web.Response:
+        body = await _json_object(request, required={"user_id", "password"}, optional={"is_superuser"})
+        user_id, password, superuser = body["user_id"], body["password"], body.get("is_superuser", False)
+        if not isinstance(user_id, str) or not isinstance(password, str) or not isinstance(superuser, bool):
+            return _error(400, "BAD_REQUEST", "user_id and password are strings, is_superuser a boolean")
+        try:
+            user = await self._operations.add_user(user_id, password, is_superuser=superuser)
+        except UserError as exc:
+            return _error(409 if self._operations.users.get(user_id) else 400, "BAD_REQUEST", str(exc))
+        return web.json_response(user.as_json(), status=201)
+
+    async def _update_user(self, request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        body = await _json_object(request, required=set(), optional={"password", "is_superuser"})
+        password, superuser = body.get("password"), body.get("is_superuser")
+        if (password is not None and not isinstance(password, str)) or (
+            superuser is not None and not isinstance(superuser, bool)
+        ):
+            return _error(400, "BAD_REQUEST", "password is a string, is_superuser a boolean")
+        if self._operations.users.get(user_id) is None:
+            return _error(404, "NOT_FOUND", f"no user {user_id}")
+        try:
+            user = await self._operations.update_user(user_id, password=password, is_superuser=superuser)
+        except UserError as exc:
+            return _error(400, "BAD_REQUEST", str(exc))
+        return web.json_response(user.as_json())
+
+    async def _delete_user(self, request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        if self._operations.users.get(user_id) is None:
+            return _error(404, "NOT_FOUND", f"no user {user_id}")
+        try:
+            self._operations.delete_user(user_id)
+        except UserError as exc:
+            return _error(500, "INTERNAL_ERROR", str(exc))
         return web.Response(status=204)
 
     async def _metrics(self, request: web.Request) -> web.Response:

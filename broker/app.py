@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from broker.access import Gatekeeper
 from broker.admin import AdminServer
+from broker.advice import config_warnings
 from broker.audit import AuditLog
+from broker.auth.amqtt_plugin import AmqttPluginAuthenticator
+from broker.auth.base import Authenticator, AuthError
+from broker.auth.builtin import BuiltinAuthenticator, UserError, UserStore
+from broker.auth.chain import AuthChain, Exchange
+from broker.auth.http import HttpAuthenticator
+from broker.auth.jwt import JwtAuthenticator
+from broker.auth.password_file import PasswordFileAuthenticator
+from broker.auth.passwords import PasswordChecks
+from broker.auth.scram import METHODS as SCRAM_METHODS
+from broker.auth.scram import ScramCredentials, ScramExchange
 from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
 from broker.engine import Engine
 from broker.errors import RealIPError
 from broker.operations import AuditTrail, Operations
-from broker.settings import ListenerSettings, Settings
+from broker.settings import (
+    AmqttPluginSettings,
+    BuiltinDatabaseSettings,
+    HttpAuthSettings,
+    JwtSettings,
+    ListenerSettings,
+    PasswordFileSettings,
+    Settings,
+)
 from listeners.address import format_hostport
 from listeners.tcp import SslListener, TcpListener
 from listeners.websocket import WebSocketListener
@@ -28,6 +49,45 @@ Listener = TcpListener | WebSocketListener
 
 class StartupError(RealIPError):
     """The broker could not start (a port in use, an address not local...)."""
+
+
+def make_auth_chain(settings: Settings, users: UserStore, checks: PasswordChecks) -> AuthChain:
+    """The authenticators of ``settings.authentication``, in order; SCRAM entries become the
+    MQTT 5 enhanced authentication methods offered (against the built-in database)."""
+    authenticators: list[Authenticator] = []
+    enhanced: dict[str, Callable[[], Exchange]] = {}
+    for entry in settings.authenticators():
+        if isinstance(entry, BuiltinDatabaseSettings):
+            authenticators.append(BuiltinAuthenticator(users, checks))
+        elif isinstance(entry, PasswordFileSettings):
+            authenticators.append(PasswordFileAuthenticator(entry, checks))
+        elif isinstance(entry, HttpAuthSettings):
+            authenticators.append(HttpAuthenticator(entry))
+        elif isinstance(entry, JwtSettings):
+            authenticators.append(JwtAuthenticator(entry))
+        elif isinstance(entry, AmqttPluginSettings):
+            authenticators.append(AmqttPluginAuthenticator(entry))
+        else:
+            method = next(name for name, algorithm in SCRAM_METHODS.items() if algorithm == entry.algorithm)
+            enhanced[method] = functools.partial(
+                ScramExchange,
+                method,
+                functools.partial(_scram_credentials, users, entry.algorithm),
+                unknown_iterations=entry.iteration_count,
+            )
+
+    def is_superuser(username: str) -> bool:
+        user = users.get(username)
+        return user is not None and user.is_superuser
+
+    return AuthChain(
+        authenticators, allow_anonymous=settings.allow_anonymous, enhanced=enhanced, is_superuser=is_superuser
+    )
+
+
+def _scram_credentials(users: UserStore, algorithm: str, username: str) -> ScramCredentials | None:
+    user = users.get(username)
+    return None if user is None else user.scram.get(algorithm)
 
 
 #: Seconds between sweeps for expired bans (expired bans never match in between).
@@ -59,15 +119,19 @@ class BrokerApp:
         self.audit_log = AuditLog(settings.audit.file)
         self.audit = AuditTrail(self.audit_log)
         self.bans = BanStore(settings.node.data_dir)
-        self.gatekeeper = Gatekeeper(settings, self.bans)
+        self.users = UserStore(settings.node.data_dir)
+        self.password_checks = PasswordChecks()
+        self.gatekeeper = Gatekeeper(settings, self.bans, on_ban=self.audit.failure_ban)
+        self.auth = make_auth_chain(settings, self.users, self.password_checks)
         self.engine = Engine(
             settings.mqtt,
             listeners=settings.listeners,
             gatekeeper=self.gatekeeper,
             hooks=self.audit,
             authorizer=Authorizer(settings.authorization.rules, settings.authorization.no_match),
+            auth=self.auth,
         )
-        self.operations = Operations(self.engine, self.bans, self.audit)
+        self.operations = Operations(self.engine, self.bans, self.audit, self.users, settings)
         self.listeners: list[Listener] = [
             make_listener(listener, self.engine, self.audit, self.gatekeeper)
             for listener in settings.enabled_listeners()
@@ -77,6 +141,7 @@ class BrokerApp:
             self.admin = AdminServer(settings.admin, self.engine, self.listeners, self.operations)
         self._stopping = asyncio.Event()
         self._purger: asyncio.Task[None] | None = None
+        self._auth_started = False
 
     async def start(self) -> None:
         """Start the engine, every listener, then the admin API.
@@ -93,7 +158,8 @@ class BrokerApp:
             raise StartupError(f"node.data_dir: cannot create {data_dir}: {exc.strerror}") from None
         try:
             self.bans.load()
-        except BanError as exc:
+            self.users.load()
+        except (BanError, UserError) as exc:
             raise StartupError(str(exc)) from None
         try:
             self.audit_log.open()
@@ -101,6 +167,14 @@ class BrokerApp:
             raise StartupError(
                 f"audit.file: cannot open {self.settings.audit.file}: {exc.strerror}"
             ) from None
+        try:
+            await self.auth.start()
+        except AuthError as exc:
+            self.audit_log.close()
+            raise StartupError(str(exc)) from None
+        self._auth_started = True
+        for warning in config_warnings(self.settings):
+            logger.warning("%s", warning)
         await self.engine.start()
         self._purger = asyncio.create_task(self._purge_bans())
         for listener in self.listeners:
@@ -196,5 +270,9 @@ class BrokerApp:
         # Let the connection tasks see their sockets close before the loop ends.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)
+        if self._auth_started:
+            self._auth_started = False
+            await self.auth.close()
+        self.password_checks.close()
         self.audit_log.close()
         logger.info("realip-broker stopped")

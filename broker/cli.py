@@ -16,6 +16,7 @@ import yaml
 
 from broker import __version__
 from broker import ctl as ctl_module
+from broker.advice import config_warnings
 from broker.errors import ConfigError, RealIPError
 from broker.settings import Settings, default_settings, dump_settings, load_settings_file
 
@@ -87,6 +88,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    for warning in config_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"# {args.file}: valid; the effective configuration follows")
     print(yaml.safe_dump(dump_settings(settings), sort_keys=False), end="")
     return EXIT_OK

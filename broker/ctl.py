@@ -13,6 +13,7 @@ naming what was tried, never a traceback); 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import getpass
 import http.client
 import json
 import os
@@ -201,6 +202,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ban_delete.add_argument("value", metavar="VALUE")
     ban_delete.add_argument("--json", action="store_true")
 
+    users = topics.add_parser("users", help="users of the built-in database (authentication)")
+    user_actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    user_list = user_actions.add_parser("list", help="every user (never a password or hash)")
+    user_list.add_argument("--json", action="store_true")
+    for name, text in (("add", "add a user"), ("passwd", "change a user's password")):
+        command = user_actions.add_parser(
+            name, help=f"{text}; the password is asked at a prompt, or read from stdin"
+        )
+        command.add_argument("username", metavar="USERNAME")
+        command.add_argument(
+            "--password-stdin", action="store_true", help="read the password from stdin (its first line)"
+        )
+        command.add_argument("--json", action="store_true")
+    user_actions.choices["add"].add_argument("--superuser", action="store_true", help="no topic rules apply")
+    user_delete = user_actions.add_parser("delete", help="remove a user")
+    user_delete.add_argument("username", metavar="USERNAME")
+    user_delete.add_argument("--json", action="store_true")
+
+
+def read_password(from_stdin: bool) -> str:
+    """The new password: the first line of stdin, or typed twice at a prompt (never an argument,
+    which other users could read in the process list).
+
+    Raises:
+        AdminError: empty, the two entries differ, or stdin is not a terminal without --password-stdin.
+    """
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise AdminError("no terminal to ask the password at: pass --password-stdin and pipe it in")
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise AdminError("the two passwords differ")
+    if not password:
+        raise AdminError("the password must not be empty")
+    return password
+
+
+def user_line(user: dict[str, Any]) -> str:
+    """The one-line form of a user (``ctl users list``)."""
+    superuser = "true" if user["is_superuser"] else "false"
+    return f"User({user['user_id']}, is_superuser={superuser}, created_at={user['created_at']})"
+
+
+def _users(client: AdminClient, args: argparse.Namespace) -> int:
+    base = "/api/v1/authentication/users"
+    if args.action == "list":
+        status, data = client.request("GET", base)
+        _check(status, data)
+        for user in data["data"] if not args.json else ():
+            print(user_line(user))
+        if args.json:
+            _print_json(data["data"])
+        return 0
+    path = f"{base}/{quote(args.username, safe='')}"
+    if args.action == "delete":
+        status, data = client.request("DELETE", path)
+    elif args.action == "add":
+        body = {"user_id": args.username, "password": read_password(args.password_stdin)}
+        status, data = client.request("POST", base, {**body, "is_superuser": args.superuser})
+    else:
+        status, data = client.request("PUT", path, {"password": read_password(args.password_stdin)})
+    _check(status, data)
+    if args.json:
+        _print_json(data if data is not None else {"user_id": args.username, "deleted": True})
+    else:
+        print("ok" if data is None else user_line(data))
+    return 0
+
+
+def _check(status: int, data: Any) -> None:
+    """Raises AdminError for an error answer, with the API's message."""
+    if status >= 400:
+        message = data.get("message", data) if isinstance(data, dict) else data
+        raise AdminError(str(message))
+
 
 def _client_for(args: argparse.Namespace) -> AdminClient:
     token = args.token or os.environ.get(TOKEN_ENV, "")
@@ -231,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.topic == "banned":
             return _banned(client, args)
+        if args.topic == "users":
+            return _users(client, args)
         if args.action == "list":
             return _list_clients(client, args.json)
         path = f"/api/v1/clients/{quote(args.client_id, safe='')}"

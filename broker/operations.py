@@ -5,14 +5,19 @@ Shared by the admin API and the engine's hooks so that every path writes the sam
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
 
 from broker.access import Refusal
 from broker.audit import AuditLog, address_fields
+from broker.auth.builtin import User, UserError, UserStore
+from broker.auth.scram import DEFAULT_ITERATIONS
 from broker.bans import Ban, BanStore, parse_until
 from broker.engine import Engine, SessionView
+from broker.settings import BuiltinDatabaseSettings, ScramSettings, Settings
 from listeners.address import ClientAddress
 
 logger = logging.getLogger(__name__)
@@ -100,12 +105,79 @@ class AuditTrail:
 
 
 class Operations:
-    """Kick and ban, with their audit records."""
+    """Kick, ban, and manage the built-in database's users, with their audit records."""
 
-    def __init__(self, engine: Engine, bans: BanStore, audit: AuditTrail) -> None:
+    def __init__(
+        self, engine: Engine, bans: BanStore, audit: AuditTrail, users: UserStore, settings: Settings
+    ) -> None:
         self.engine = engine
         self.bans = bans
         self.audit = audit
+        self.users = users
+        builtin = [e for e in settings.authentication if isinstance(e, BuiltinDatabaseSettings)]
+        #: How new passwords are stored: the built-in database's algorithm, and the SCRAM
+        #: authenticators' iteration count (the highest configured).
+        self._algorithm = builtin[0].password_hash_algorithm if builtin else "argon2id"
+        iterations = [e.iteration_count for e in settings.authentication if isinstance(e, ScramSettings)]
+        self._iterations = max(iterations, default=DEFAULT_ITERATIONS)
+
+    async def add_user(self, username: str, password: str, *, is_superuser: bool, by: str = "admin") -> User:
+        """Add a user to the built-in database (hashing in a worker thread).
+
+        Raises:
+            UserError: the name or password is refused, the user exists, or the file cannot be written.
+        """
+        user = await asyncio.to_thread(
+            UserStore.make_user,
+            username,
+            password,
+            is_superuser=is_superuser,
+            algorithm=self._algorithm,
+            iteration_count=self._iterations,
+        )
+        self.users.add(user)
+        self.audit.log.write("user_added", username=username, is_superuser=is_superuser, by=by)
+        return user
+
+    async def update_user(
+        self, username: str, *, password: str | None, is_superuser: bool | None, by: str = "admin"
+    ) -> User:
+        """Change a user's password and/or superuser flag.
+
+        Raises:
+            UserError: no such user, a refused password, or the file cannot be written.
+        """
+        current = self.users.get(username)
+        if current is None:
+            raise UserError(f"no user {username!r}")
+        superuser = current.is_superuser if is_superuser is None else is_superuser
+        if password is None:
+            user = dataclasses.replace(current, is_superuser=superuser)
+        else:
+            user = await asyncio.to_thread(
+                UserStore.make_user,
+                username,
+                password,
+                is_superuser=superuser,
+                algorithm=self._algorithm,
+                iteration_count=self._iterations,
+            )
+        stored = self.users.replace(user)
+        changed = ["password"] if password is not None else []
+        if is_superuser is not None:
+            changed.append("is_superuser")
+        self.audit.log.write("user_updated", username=username, changed=changed, by=by)
+        return stored
+
+    def delete_user(self, username: str, *, by: str = "admin") -> User:
+        """Remove a user (its connected clients stay connected until they reconnect).
+
+        Raises:
+            UserError: no such user, or the file cannot be written.
+        """
+        user = self.users.delete(username)
+        self.audit.log.write("user_deleted", username=username, by=by)
+        return user
 
     async def kick(self, client_id: str, *, by: str = "admin", reason: str = "kicked") -> bool:
         """Disconnect a client and discard its session; False if it is not connected."""

@@ -23,6 +23,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from broker.auth.placeholders import (
+    AUTHENTICATION_PLACEHOLDERS,
+    AUTHORIZATION_PLACEHOLDERS,
+    check_settings,
+    check_template,
+)
 from broker.authorization import ACTIONS, Rule, valid_filter
 from broker.core.session import SHARED_STRATEGIES
 from broker.errors import ConfigError, ConfigProblem
@@ -841,8 +847,16 @@ def _parse_authentication_into(
         count = len(problems)
         built = _build(cls, entry, where, problems)
         for key in _REQUIRED.get(cls, ()):
-            if key not in entry:
+            if key not in entry and key != "url":  # check_settings says it for url
                 problems.append(ConfigProblem(f"{where}.{key}", "required"))
+        if isinstance(built, HttpAuthSettings):
+            for key, text in check_settings(built, AUTHENTICATION_PLACEHOLDERS):
+                problems.append(ConfigProblem(f"{where}.{key}", text))
+        if isinstance(built, JwtSettings):
+            for claim, template in built.verify_claims.items():
+                wrong = check_template(template, frozenset({"clientid", "username"}))
+                if wrong is not None:
+                    problems.append(ConfigProblem(f"{where}.verify_claims.{claim}", wrong))
         if isinstance(built, JwtSettings) and len(problems) == count:
             if built.algorithm == "hmac-based" and not built.secret:
                 problems.append(ConfigProblem(f"{where}.secret", "required with algorithm: hmac-based"))
@@ -870,9 +884,10 @@ def _parse_sources_into(
             problems.append(ConfigProblem(f"{where}.type", "a source is {type: http, url: ...}"))
             continue
         entry = {key: item for key, item in raw.items() if key != "type"}
-        if "url" not in entry:
-            problems.append(ConfigProblem(f"{where}.url", "required"))
-        sources.append(_build(HttpRequestSettings, entry, where, problems))
+        source = _build(HttpRequestSettings, entry, where, problems)
+        for key, message in check_settings(source, AUTHORIZATION_PLACEHOLDERS):
+            problems.append(ConfigProblem(f"{where}.{key}", message))
+        sources.append(source)
     return tuple(sources)
 
 

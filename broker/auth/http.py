@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -37,8 +36,7 @@ from broker.auth.placeholders import (
     AUTHORIZATION_PLACEHOLDERS,
     authentication_values,
     authorization_values,
-    check_template,
-    check_url_template,
+    check_settings,
     placeholders_in,
     render_form,
     render_header,
@@ -73,41 +71,6 @@ _FORM: Final = "application/x-www-form-urlencoded"
 _JSON: Final = "application/json"
 
 #: An HTTP header name (RFC 9110 ``token``).
-_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-def check_settings(settings: HttpRequestSettings, allowed: frozenset[str]) -> list[tuple[str, str]]:
-    """What is wrong with the templates of an HTTP callout, as ``(key, message)`` pairs.
-
-    ``key`` is ``url``, ``headers.NAME`` or ``body.KEY`` (the caller prefixes where the settings
-    stand). Empty when all is well. Never raises.
-    """
-    problems: list[tuple[str, str]] = []
-    if not settings.url:
-        problems.append(("url", "is required (e.g. 'http://127.0.0.1:8080/auth')"))
-    else:
-        message = check_url_template(settings.url, allowed)
-        if message is not None:
-            problems.append(("url", message))
-    for name, value in settings.headers.items():
-        key = f"headers.{name}"
-        if "${" in name:
-            problems.append((key, "placeholders may stand in header values only, not in names"))
-        elif not _HEADER_NAME.match(name):
-            problems.append((key, f"{name!r} is not an HTTP header name"))
-        if any(c in value for c in "\r\n\0"):
-            problems.append((key, "a header value cannot hold CR, LF or NUL"))
-        message = check_template(value, allowed)
-        if message is not None:
-            problems.append((key, message))
-    for field, value in settings.body.items():
-        key = f"body.{field}"
-        if "${" in field:
-            problems.append((key, "placeholders may stand in body values only, not in keys"))
-        message = check_template(value, allowed)
-        if message is not None:
-            problems.append((key, message))
-    return problems
 
 
 def _public_url(url: str) -> str:

@@ -19,11 +19,31 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import quote, urlencode
 
 if TYPE_CHECKING:
     from broker.auth.base import Credentials
+
+
+class HttpRequest(Protocol):
+    """The templates of an HTTP callout (``broker.settings.HttpRequestSettings``)."""
+
+    @property
+    def url(self) -> str:
+        """The URL template."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Header name -> value template."""
+
+    @property
+    def body(self) -> dict[str, str]:
+        """Body field -> value template."""
+
+
+#: An HTTP header name (RFC 9110 token).
+_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 #: What an authentication request may carry (EMQX's names).
 AUTHENTICATION_PLACEHOLDERS: Final = frozenset(
@@ -192,3 +212,37 @@ def authorization_values(credentials: Credentials, action: str, topic: str, qos:
     values = _client_values(credentials)
     values.update({"topic": topic, "action": action, "qos": str(qos)})
     return values
+
+
+def check_settings(settings: HttpRequest, allowed: frozenset[str]) -> list[tuple[str, str]]:
+    """What is wrong with the templates of an HTTP callout, as ``(key, message)`` pairs.
+
+    ``key`` is ``url``, ``headers.NAME`` or ``body.KEY`` (the caller prefixes where the settings
+    stand). Empty when all is well. Never raises.
+    """
+    problems: list[tuple[str, str]] = []
+    if not settings.url:
+        problems.append(("url", "is required (e.g. 'http://127.0.0.1:8080/auth')"))
+    else:
+        message = check_url_template(settings.url, allowed)
+        if message is not None:
+            problems.append(("url", message))
+    for name, value in settings.headers.items():
+        key = f"headers.{name}"
+        if "${" in name:
+            problems.append((key, "placeholders may stand in header values only, not in names"))
+        elif not _HEADER_NAME.match(name):
+            problems.append((key, f"{name!r} is not an HTTP header name"))
+        if any(c in value for c in "\r\n\0"):
+            problems.append((key, "a header value cannot hold CR, LF or NUL"))
+        message = check_template(value, allowed)
+        if message is not None:
+            problems.append((key, message))
+    for field, value in settings.body.items():
+        key = f"body.{field}"
+        if "${" in field:
+            problems.append((key, "placeholders may stand in body values only, not in keys"))
+        message = check_template(value, allowed)
+        if message is not None:
+            problems.append((key, message))
+    return problems
