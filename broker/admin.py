@@ -155,6 +155,7 @@ class AdminServer:
             engine.stats,
             authentication=lambda: engine.auth.results,
             failure_bans=lambda: gatekeeper.failure_bans if gatekeeper is not None else 0,
+            authorization=lambda: engine.source_results,
         )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None

@@ -18,7 +18,7 @@ from broker.auth.amqtt_plugin import AmqttPluginAuthenticator
 from broker.auth.base import Authenticator, AuthError
 from broker.auth.builtin import BuiltinAuthenticator, UserError, UserStore
 from broker.auth.chain import AuthChain, Exchange
-from broker.auth.http import HttpAuthenticator
+from broker.auth.http import HttpAuthenticator, HttpAuthorizationSource
 from broker.auth.jwt import JwtAuthenticator
 from broker.auth.password_file import PasswordFileAuthenticator
 from broker.auth.passwords import PasswordChecks
@@ -123,13 +123,23 @@ class BrokerApp:
         self.password_checks = PasswordChecks()
         self.gatekeeper = Gatekeeper(settings, self.bans, on_ban=self.audit.failure_ban)
         self.auth = make_auth_chain(settings, self.users, self.password_checks)
+        authorization = settings.authorization
+        self.sources = [HttpAuthorizationSource(source) for source in authorization.sources if source.enable]
         self.engine = Engine(
             settings.mqtt,
             listeners=settings.listeners,
             gatekeeper=self.gatekeeper,
             hooks=self.audit,
-            authorizer=Authorizer(settings.authorization.rules, settings.authorization.no_match),
+            authorizer=Authorizer(
+                authorization.rules,
+                authorization.no_match,
+                sources=bool(self.sources),
+                cache_size=authorization.cache.max_size,
+                cache_ttl=authorization.cache.ttl,
+                cache_enabled=authorization.cache.enable,
+            ),
             auth=self.auth,
+            sources=self.sources,
         )
         self.operations = Operations(self.engine, self.bans, self.audit, self.users, settings)
         self.listeners: list[Listener] = [
@@ -142,6 +152,7 @@ class BrokerApp:
         self._stopping = asyncio.Event()
         self._purger: asyncio.Task[None] | None = None
         self._auth_started = False
+        self._sources_started: list[HttpAuthorizationSource] = []
 
     async def start(self) -> None:
         """Start the engine, every listener, then the admin API.
@@ -169,10 +180,17 @@ class BrokerApp:
             ) from None
         try:
             await self.auth.start()
+            self._auth_started = True
+            for index, source in enumerate(self.sources):
+                try:
+                    await source.start()
+                except AuthError as exc:
+                    raise AuthError(f"authorization.sources[{index}]: {exc}") from None
+                self._sources_started.append(source)
         except AuthError as exc:
+            await self._close_auth()
             self.audit_log.close()
             raise StartupError(str(exc)) from None
-        self._auth_started = True
         for warning in config_warnings(self.settings):
             logger.warning("%s", warning)
         await self.engine.start()
@@ -254,6 +272,13 @@ class BrokerApp:
             except BanError as exc:
                 logger.error("%s", exc)
 
+    async def _close_auth(self) -> None:
+        if self._auth_started:
+            self._auth_started = False
+            await self.auth.close()
+        while self._sources_started:
+            await self._sources_started.pop().close()
+
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (each one's audit record written), drop what is
         left, then close the audit log. Safe to call twice."""
@@ -270,9 +295,7 @@ class BrokerApp:
         # Let the connection tasks see their sockets close before the loop ends.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)
-        if self._auth_started:
-            self._auth_started = False
-            await self.auth.close()
+        await self._close_auth()
         self.password_checks.close()
         self.audit_log.close()
         logger.info("realip-broker stopped")

@@ -19,6 +19,7 @@ smuggle in a placeholder), nor does ``${username}`` for a client without one. Pu
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -110,16 +111,34 @@ class Rule:
 
 
 class Authorizer:
-    """Decides PUBLISH, SUBSCRIBE and delivery by the rules."""
+    """Decides PUBLISH, SUBSCRIBE and delivery by the rules.
 
-    def __init__(self, rules: tuple[Rule, ...] = (), no_match: str = "allow") -> None:
+    With ``sources`` (``authorization.sources``: HTTP callouts, asked by the engine) a request no
+    rule decides is the sources' to answer; their answers are kept per client for ``cache_ttl``
+    seconds, ``cache_size`` of them at most (EMQX's authorization cache).
+    """
+
+    def __init__(
+        self,
+        rules: tuple[Rule, ...] = (),
+        no_match: str = "allow",
+        *,
+        sources: bool = False,
+        cache_size: int = 32,
+        cache_ttl: float = 60.0,
+        cache_enabled: bool = True,
+    ) -> None:
         self.rules = rules
         self.no_match_allows = no_match == "allow"
+        self.sources = sources
+        self.cache_size = cache_size
+        self.cache_ttl = cache_ttl
+        self.cache_enabled = cache_enabled
 
     @property
     def active(self) -> bool:
         """Whether any check can refuse (no rules and ``no_match: allow`` allow everything)."""
-        return bool(self.rules) or not self.no_match_allows
+        return bool(self.rules) or not self.no_match_allows or self.sources
 
     def allows(
         self,
@@ -160,24 +179,77 @@ class Authorizer:
             compiled.append(
                 (rule.action, rule.permission == "allow", tuple(rule.filters_for(client_id, username)))
             )
-        return ClientRules(tuple(compiled), self.no_match_allows)
+        if not self.sources:
+            return ClientRules(tuple(compiled), self.no_match_allows)
+        # Without a cache an answer lasts until the packet that asked is handled again.
+        ttl = self.cache_ttl if self.cache_enabled else float("inf")
+        return ClientRules(tuple(compiled), self.no_match_allows, cache=(self.cache_size, ttl))
 
 
 class ClientRules:
-    """:meth:`Authorizer.allows` for one client, its conditions already decided."""
+    """:meth:`Authorizer.allows` for one client, its conditions already decided, and (with
+    sources) the sources' answers for it."""
 
-    __slots__ = ("_no_match_allows", "_rules")
+    __slots__ = ("_answers", "_cache", "_no_match_allows", "_rules")
 
-    def __init__(self, rules: tuple[tuple[str, bool, tuple[str, ...]], ...], no_match_allows: bool) -> None:
+    def __init__(
+        self,
+        rules: tuple[tuple[str, bool, tuple[str, ...]], ...],
+        no_match_allows: bool,
+        *,
+        cache: tuple[int, float] | None = None,
+    ) -> None:
+        """``cache``: (answers kept at most, seconds each is kept) when sources are configured."""
         self._rules = rules
         self._no_match_allows = no_match_allows
+        self._cache = cache
+        #: (action, topic) -> (allowed, monotonic time it expires)
+        self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
 
-    def allows(self, action: str, topic: str, *, is_filter: bool = False) -> bool:
-        """As :meth:`Authorizer.allows` for this client. Never raises."""
+    @property
+    def has_sources(self) -> bool:
+        """Whether what no rule decides is asked of the authorization sources."""
+        return self._cache is not None
+
+    def decide(self, action: str, topic: str, *, is_filter: bool = False) -> bool | None:
+        """The rules' decision, else a source's answer still cached, else None. Never raises."""
         for rule_action, allow, filters in self._rules:
             if rule_action not in ("all", action):
                 continue
             for rule_filter in filters:
                 if filter_covers(rule_filter, topic) if is_filter else topic_matches(rule_filter, topic):
                     return allow
-        return self._no_match_allows
+        if self._answers:
+            answer = self._answers.get((action, topic))
+            if answer is not None:
+                if answer[1] >= time.monotonic():
+                    return answer[0]
+                del self._answers[(action, topic)]
+        return None
+
+    def allows(self, action: str, topic: str, *, is_filter: bool = False) -> bool:
+        """As :meth:`Authorizer.allows` for this client. With sources, what neither the rules nor
+        a cached answer decide is allowed: this is the delivery check, and the subscription it
+        delivers for was authorized when it was made. Never raises."""
+        decided = self.decide(action, topic, is_filter=is_filter)
+        if decided is not None:
+            return decided
+        return True if self._cache is not None else self._no_match_allows
+
+    def remember(self, answers: list[tuple[str, str, bool | None]]) -> None:
+        """Keep the sources' answers to one packet's requests, ``(action, topic, allowed)``
+        (``allowed`` None: no source decided, so ``no_match``). The oldest answers go beyond the
+        cache size, never one of these: the packet that asked is handled again with them."""
+        size, ttl = self._cache or (len(answers), 0.0)
+        expires = time.monotonic() + ttl
+        for action, topic, allowed in answers:
+            decision = self._no_match_allows if allowed is None else allowed
+            self._answers.pop((action, topic), None)
+            self._answers[(action, topic)] = (decision, expires)
+        while len(self._answers) > max(size, len(answers)):
+            del self._answers[next(iter(self._answers))]
+
+    def forget_answers(self) -> None:
+        """Drop every cached answer (``authorization.cache.enable: false``: an answer serves only
+        the packet that asked for it)."""
+        self._answers.clear()

@@ -26,6 +26,7 @@ from broker.mqtt.protocol import MqttServerProtocol
 if TYPE_CHECKING:
     import asyncio
 
+    from broker.auth.base import Credentials
     from broker.authorization import ClientRules
     from broker.engine import Engine, EngineSession
     from listeners.address import ClientAddress
@@ -104,6 +105,7 @@ class Channel:
         "client_id",
         "closed",
         "connected_at",
+        "credentials",
         "dirty",
         "end_reason",
         "engine",
@@ -178,6 +180,8 @@ class Channel:
         self.pending: Any = None
         self.authenticated = False
         self.is_superuser = False
+        #: Who the client is (its password dropped), for the authorization sources' requests.
+        self.credentials: Credentials | None = None
 
     def describe(self) -> str:
         """``listener: client 'id' from <real address> via <proxy>`` for log lines."""
@@ -351,22 +355,27 @@ class Channel:
 
     # ------------------------------------------------------------------ authentication
 
-    def hold(self) -> None:
-        """The CONNECT is being authenticated: hold what follows it, and stop reading (so what
-        is held is at most what one read brought; :data:`MAX_HELD_PACKETS` caps it anyway)."""
-        self.held = []
+    def hold(self, first: mp.Packet | None = None) -> None:
+        """A CONNECT is being authenticated, or a packet (``first``) waits for the authorization
+        sources: hold what follows, in order, and stop reading (so what is held is at most what
+        one read brought; :data:`MAX_HELD_PACKETS` caps it anyway)."""
+        self.held = [] if first is None else [first]
         self.handlers = _HOLDING
         self.link.pause_reading()
 
     def release(self) -> None:
-        """The CONNECT was decided (and answered): handle what was held, in order, then read on."""
+        """The CONNECT was decided (and answered), or the sources answered: handle what was held,
+        in order, then read on. A held packet may start another hold: the rest wait for it."""
         held, self.held = self.held, None
         self.handlers = _HANDLERS
         if held is None or self.closed:
             return
-        for packet in held:
+        for index, packet in enumerate(held):
             self.handlers[type(packet)](self, packet)
             if self.closed:
+                return
+            if self.held is not None:  # held again: the rest go after the packet that asked
+                self.held.extend(held[index + 1 :])
                 return
         if not self.paused:
             self.link.resume_reading()
@@ -457,7 +466,6 @@ class Channel:
         if session is None:
             return
         engine = self.engine
-        engine.counters.received += 1
         qos = packet.qos
         packet_id = packet.packet_id or 0
         topic = packet.topic
@@ -472,6 +480,12 @@ class Channel:
                     reasons.PROTOCOL_ERROR, "sent a Subscription Identifier in a PUBLISH [MQTT-3.3.4-6]"
                 )
                 return
+        # Decided before anything else is done with it: a packet waiting for the authorization
+        # sources is handled again, from the start, once they answered.
+        accepted = engine.accepts_publish(self, topic, qos, packet)
+        if accepted is None:
+            return
+        engine.counters.received += 1
         if qos == 2:
             fresh = session.receive_qos2(packet_id, engine.loop.time(), engine.settings.await_rel_timeout)
             if fresh is None:
@@ -492,7 +506,7 @@ class Channel:
                 self.send(mp.Pubrec(packet_id))
                 return
         code = reasons.SUCCESS
-        if engine.accepts_publish(self, topic):
+        if accepted:
             message = engine.make_message(
                 self, topic, packet.payload, qos, packet.retain, dict(properties) if properties else None
             )

@@ -16,16 +16,18 @@ and detached first [MQTT-3.1.4-2], and a resumed session carries the *new* conne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.access import Gatekeeper, Refusal
-from broker.auth.base import Credentials
+from broker.auth.base import AuthorizationSource, Credentials, Outcome
 from broker.auth.chain import AuthChain, Decision
 from broker.authorization import Authorizer, ClientRules
 from broker.channel import Channel, ChannelState, Throttle
@@ -173,6 +175,9 @@ class EngineSession(Session):
         self.will_timer: asyncio.TimerHandle | None = None
         #: Its drops are logged once, then summarised (they may come while it is offline).
         self.throttle = Throttle()
+        #: The authenticated username that made it (None: made by a client that proved none);
+        #: only that user (or a superuser) may continue it.
+        self.owner: str | None = None
 
 
 class Engine:
@@ -187,9 +192,14 @@ class Engine:
         hooks: EngineHooks | None = None,
         authorizer: Authorizer | None = None,
         auth: AuthChain | None = None,
+        sources: Sequence[AuthorizationSource] = (),
     ) -> None:
+        """``sources`` are asked (in order) what no authorization rule decides."""
         self.settings = settings
         self.auth = auth or AuthChain()
+        self._sources = tuple(sources)
+        #: Source answers by (source, outcome), for ``/metrics``.
+        self.source_results: Counter[tuple[str, str]] = Counter()
         self._cert_username = {listener.id for listener in listeners if listener.peer_cert_as_username}
         self.gatekeeper = gatekeeper
         self._hooks: EngineHooks = hooks or _NoHooks()
@@ -409,7 +419,32 @@ class Engine:
     ) -> None:
         """Admit, or refuse, a client whose authentication is decided."""
         if decision.admitted:
-            self._attach(channel, admission, decision, extra)
+            # Kept for the authorization sources' requests (which never carry the password).
+            channel.credentials = dataclasses.replace(
+                admission.credentials, username=admission.username, password=None
+            )
+            # Only a proven username can match rules that name one, or fill ${username}.
+            username = admission.username if decision.authenticated else None
+            rules = (
+                None
+                if decision.is_superuser
+                else self._authorizer.for_client(admission.client_id, username, channel.address.ip)
+            )
+            will = admission.connect.will
+            if (
+                will is not None
+                and rules is not None
+                and rules.has_sources
+                and rules.decide("publish", will.topic) is None
+            ):  # the sources decide the will too
+                if channel.held is None:
+                    channel.hold()
+                request = [("publish", will.topic, will.qos)]
+                channel.pending = self.loop.create_task(
+                    self._ask_sources(channel, rules, request, admission, decision, extra)
+                )
+                return
+            self._attach(channel, admission, decision, rules, extra)
             channel.release()
             return
         connect, address = admission.connect, channel.address
@@ -424,7 +459,12 @@ class Engine:
             self.gatekeeper.authentication_failed(address.ip)
 
     def _attach(
-        self, channel: Channel, admission: Admission, decision: Decision, extra: dict[str, Any] | None
+        self,
+        channel: Channel,
+        admission: Admission,
+        decision: Decision,
+        rules: ClientRules | None,
+        extra: dict[str, Any] | None,
     ) -> None:
         """Attach an admitted client to its session and answer CONNACK."""
         settings = self.settings
@@ -432,17 +472,26 @@ class Engine:
         v5 = connect.proto_level == 5
         props = connect.properties
         ip = channel.address.ip
-        # Only a proven username can match rules that name one, or fill ${username}.
-        rules = (
-            None
-            if decision.is_superuser
-            else self._authorizer.for_client(client_id, username if decision.authenticated else None, ip)
-        )
         if connect.will is not None:
             refusal = self._check_will(connect.will.topic, rules)
             if refusal is not None:
                 self._refuse(channel, connect, refusal, client_id=client_id, username=username)
                 return
+        owner = username if decision.authenticated else None
+        existing = self._sessions.get(client_id)
+        if (
+            existing is not None
+            and existing.owner is not None
+            and existing.owner != owner
+            and not decision.is_superuser
+        ):
+            # A session made by an authenticated user is that user's: another client claiming
+            # its id would take over its queue and subscriptions.
+            message = f"client id {client_id!r} is held by a session of another user"
+            self._refuse(
+                channel, connect, Refusal("client_id_owned", message), client_id=client_id, username=username
+            )
+            return
         # Session expiry: MQTT 3.1.1 persistent sessions last mqtt.session_expiry_interval; an
         # MQTT 5 client asks for its own, capped at it (and told so in CONNACK) [MQTT-3.1.2-23].
         maximum = settings.session_expiry_interval
@@ -463,6 +512,8 @@ class Engine:
         channel.session = session
         channel.authenticated = decision.authenticated
         channel.is_superuser = decision.is_superuser
+        if session.owner is None:  # a superuser continuing a user's session leaves it theirs
+            session.owner = owner
         if self.gatekeeper is not None:
             self.gatekeeper.connected(channel.listener_id, ip)
         receive_maximum = int(props.get("receive_maximum", 65535)) if v5 else 65535
@@ -691,9 +742,10 @@ class Engine:
 
     # ------------------------------------------------------------------ messages
 
-    def accepts_publish(self, channel: Channel, topic: str) -> bool:
+    def accepts_publish(self, channel: Channel, topic: str, qos: int, packet: mp.Publish) -> bool | None:
         """Whether a client's PUBLISH to ``topic`` is routed; a refused one is dropped, counted and
-        logged (throttled per client). Valid topic names are the decoder's business."""
+        logged (throttled per client). None: the authorization sources are asked, and ``packet``
+        is handled again once they answered. Valid topic names are the decoder's business."""
         if topic.startswith("$SYS"):
             # $SYS belongs to the broker; other $-topics are the applications' own and are routed
             # (never to wildcard subscriptions, [MQTT-4.7.2-1]).
@@ -705,10 +757,57 @@ class Engine:
                 channel, TOPIC_TOO_DEEP, logging.WARNING, why, self.settings.max_topic_levels
             )
         rules = channel.rules
-        if rules is not None and not rules.allows("publish", topic):
+        if rules is None:
+            return True
+        allowed = rules.decide("publish", topic) if rules.has_sources else rules.allows("publish", topic)
+        if allowed is None:
+            self.ask_sources(channel, rules, [("publish", topic, qos)], packet)
+            return None
+        if not allowed:
             why = "may not publish to %r (authorization rules)"
             return self._publish_dropped(channel, PUBLISH_NOT_AUTHORIZED, logging.INFO, why, topic)
         return True
+
+    def ask_sources(
+        self, channel: Channel, rules: ClientRules, requests: list[tuple[str, str, int]], packet: mp.Packet
+    ) -> None:
+        """Hold the connection (``packet`` first) while the sources answer ``requests``."""
+        channel.hold(packet)
+        channel.pending = self.loop.create_task(self._ask_sources(channel, rules, requests))
+
+    async def _ask_sources(  # noqa: PLR0917 - a will's check goes on with its admission
+        self,
+        channel: Channel,
+        rules: ClientRules,
+        requests: list[tuple[str, str, int]],
+        admission: Admission | None = None,
+        decision: Decision | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Ask each source in turn for each request; remember the answers, then handle what was
+        held (or, for a will, go on with the admission)."""
+        credentials = channel.credentials
+        answers: list[tuple[str, str, bool | None]] = []
+        for action, topic, qos in requests:
+            allowed = None
+            for source in self._sources:
+                outcome = Outcome.IGNORE
+                if credentials is not None:
+                    outcome = await source.authorize(credentials, action, topic, qos)
+                self.source_results[(source.name, outcome.value)] += 1
+                if outcome is not Outcome.IGNORE:
+                    allowed = outcome is Outcome.ALLOW
+                    break
+            answers.append((action, topic, allowed))
+        channel.pending = None
+        if channel.closed:
+            return
+        rules.remember(answers)
+        if admission is not None and decision is not None:
+            self._attach(channel, admission, decision, rules, extra)
+        channel.release()
+        if not self._authorizer.cache_enabled:
+            rules.forget_answers()
 
     def _publish_dropped(self, channel: Channel, reason: str, level: int, why: str, *args: Any) -> bool:
         """Count a refused PUBLISH and log ``client 'x' from <address> <why>; dropped`` (throttled)."""
@@ -908,6 +1007,16 @@ class Engine:
             return
         v5 = channel.protocol.protocol_level == 5
         rules = channel.rules
+        if rules is not None and rules.has_sources:
+            unknown = []
+            for subscription in packet.subscriptions:
+                shared = _shared(subscription.topic_filter)
+                real_filter = subscription.topic_filter if shared is None else shared[1]
+                if rules.decide("subscribe", real_filter, is_filter=True) is None:
+                    unknown.append(("subscribe", real_filter, subscription.qos))
+            if unknown:
+                self.ask_sources(channel, rules, unknown, packet)
+                return
         limit = self.settings.max_subscriptions
         identifier = int(packet.properties.get("subscription_identifier", 0)) if v5 else 0
         codes: list[int] = []

@@ -60,15 +60,17 @@ class BrokerCollector(Collector):
         sizes: Callable[[], dict[str, int]] = dict,
         authentication: Callable[[], Mapping[tuple[str, str], int]] = dict,
         failure_bans: Callable[[], int] = int,
+        authorization: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> None:
         """``authentication``: answers by (authenticator, result); ``failure_bans``: addresses
-        banned for failed authentications."""
+        banned for failed authentications; ``authorization``: source answers by (source, result)."""
         self._listeners = listeners
         self._messages = messages
         self._sessions = sessions
         self._sizes = sizes
         self._authentication = authentication
         self._failure_bans = failure_bans
+        self._authorization = authorization
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus-client)."""
@@ -127,6 +129,14 @@ class BrokerCollector(Collector):
         for (name, result), count in sorted(self._authentication().items()):
             answers.add_metric([name, result], count)
         yield answers
+        sources = CounterMetricFamily(
+            "realip_authorization_source",
+            "Authorization source answers, by source and result (allow, deny, ignore)",
+            labels=["source", "result"],
+        )
+        for (name, result), count in sorted(self._authorization().items()):
+            sources.add_metric([name, result], count)
+        yield sources
         bans = CounterMetricFamily(
             "realip_auth_failure_bans", "Client addresses banned for failed authentications"
         )

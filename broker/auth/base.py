@@ -88,3 +88,18 @@ class Authenticator(Protocol):
 
     async def close(self) -> None:
         """Release what :meth:`start` took."""
+
+
+class AuthorizationSource(Protocol):
+    """An ``authorization.sources`` entry: asked what no rule decides."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Set up. Raises AuthError when it cannot."""
+
+    async def authorize(self, credentials: Credentials, action: str, topic: str, qos: int) -> Outcome:
+        """``publish`` or ``subscribe`` to ``topic``: allow, deny or ignore. Never raises."""
+
+    async def close(self) -> None:
+        """Release what :meth:`start` took."""
