@@ -155,14 +155,7 @@ class Gatekeeper:
         listener = self._listeners.get(listener_id)
         if listener is None:
             return None
-        limit = listener.max_connections_per_ip
-        if limit != UNLIMITED and self._connections.get((listener_id, ip), 0) >= limit:
-            return Refusal(
-                "connections_per_ip",
-                f"{ip} has {limit} connections already "
-                f"(listeners.{listener.type}.{listener.name}.max_connections_per_ip)",
-                reasons.QUOTA_EXCEEDED,
-            )
+        # Every CONNECT counts towards the rate, a refused one too: retrying is what it limits.
         limiter = self._rates.get(listener_id)
         if limiter is not None and not limiter.take(ip, self._clock()):
             return Refusal(
@@ -170,6 +163,14 @@ class Gatekeeper:
                 f"{ip} connects faster than {listener.max_conn_rate_per_ip} "
                 f"(listeners.{listener.type}.{listener.name}.max_conn_rate_per_ip)",
                 reasons.CONNECTION_RATE_EXCEEDED,
+            )
+        limit = listener.max_connections_per_ip
+        if limit != UNLIMITED and self._connections.get((listener_id, ip), 0) >= limit:
+            return Refusal(
+                "connections_per_ip",
+                f"{ip} has {limit} connections already "
+                f"(listeners.{listener.type}.{listener.name}.max_connections_per_ip)",
+                reasons.QUOTA_EXCEEDED,
             )
         return None
 

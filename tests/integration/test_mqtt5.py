@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.mqtt_raw import packet, read_packet, recv_exactly, string, varint, wait_closed
+from tests.routes import EDGE, Route, nginx_proxy, nginx_ws
 from tests.support import (
     REPO,
     WAIT,
@@ -37,7 +38,6 @@ from tests.support import (
 )
 
 BrokerFactory = Callable[..., BrokerProcess]
-EDGE = "127.0.0.50"
 
 MQTT = {"peer_in_connack": True, "publisher_address_property": "x-real-ip", "max_inflight": 8}
 RULES = {"no_match": "allow", "rules": [{"permission": "deny", "action": "publish", "topics": ["ro/#"]}]}
@@ -169,49 +169,6 @@ class V5Clients:
             client.client.disconnect()
 
 
-@dataclass
-class Route:
-    broker: BrokerProcess
-    port: int
-    websocket: bool = False
-    #: The address the broker sees as the socket peer (the load balancer, or the client itself).
-    proxy: str | None = None
-
-
-def _nginx_proxy(broker: BrokerProcess, tmp_path: Path) -> tuple[int, Any]:
-    from tests.e2e.peers import Nginx, free_port, render_example
-
-    port = free_port()
-    body = render_example(
-        "nginx/tcp-proxy-protocol.conf",
-        {
-            "listen 1884;": f"listen 127.0.0.1:{port};",
-            "proxy_pass 127.0.0.1:1883;": f"proxy_bind {EDGE};\n        proxy_pass 127.0.0.1:{broker.port('tcp:pp')};",
-        },
-    )
-    nginx = Nginx(tmp_path / "nginx", body)
-    nginx.wait_listening(("127.0.0.1", port))
-    return port, nginx
-
-
-def _nginx_ws(broker: BrokerProcess, tmp_path: Path) -> tuple[int, Any]:
-    from tests.e2e.peers import NginxHttp, free_port, render_example
-
-    port = free_port()
-    body = render_example(
-        "nginx/ws-xff.conf",
-        {
-            "listen 8080;": f"listen 127.0.0.1:{port};",
-            "proxy_pass http://127.0.0.1:8083;": (
-                f"proxy_bind {EDGE};\n        proxy_pass http://127.0.0.1:{broker.port('ws:xff')};"
-            ),
-        },
-    )
-    nginx = NginxHttp(tmp_path / "nginx-ws", body)
-    nginx.wait_listening(("127.0.0.1", port))
-    return port, nginx
-
-
 @pytest.fixture
 def broker(start_broker: BrokerFactory) -> BrokerProcess:
     return start_broker(
@@ -248,7 +205,7 @@ def route(request: pytest.FixtureRequest, broker: BrokerProcess, tmp_path: Path)
         yield Route(broker, broker.port("tcp:default"))
         return
     require_binary("nginx")
-    port, nginx = (_nginx_proxy if request.param == "nginx-proxy" else _nginx_ws)(broker, tmp_path)
+    port, nginx = (nginx_proxy if request.param == "nginx-proxy" else nginx_ws)(broker, tmp_path)
     try:
         yield Route(broker, port, websocket=request.param == "nginx-ws", proxy=EDGE)
     finally:
