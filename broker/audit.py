@@ -1,7 +1,9 @@
 """The audit log: one JSON object per line, naming the real client and the proxy it came through.
 
-Events: ``connected``, ``disconnected`` (with ``reason``), ``refused`` (``reason``: access, ban,
-auth, a PROXY or forwarded-header error code...), ``kicked``, ``ban_added``, ``ban_deleted``. Every
+Events: ``connected``, ``disconnected`` (with ``reason``), ``refused`` (``reason``: access, banned,
+a per-address limit, a PROXY or forwarded-header error code...), ``auth_failed`` (the real address
+first: ``examples/fail2ban`` reads it), ``kicked``, ``ban_added``, ``ban_deleted``, ``user_added``,
+``user_updated``, ``user_deleted``. Every
 record has ``ts`` (ISO 8601, UTC, milliseconds) and ``event``; client records add ``listener``,
 ``clientid`` and ``username`` where known, ``ip``/``port`` (the real client), ``proxy_ip``/
 ``proxy_port`` and ``address_source``.

@@ -117,6 +117,12 @@ def client_line(client: dict[str, Any]) -> str:
     parts = [
         str(client["clientid"]),
         f"username={client['username'] if client['username'] is not None else 'undefined'}",
+    ]
+    if client.get("authenticated"):
+        parts.append("authenticated=true")
+    if client.get("is_superuser"):
+        parts.append("is_superuser=true")
+    parts += [
         f"peername={hostport(client['ip_address'], client['port'])}",
     ]
     if client.get("proxy_address") is not None:

@@ -811,3 +811,38 @@ def test_per_ip_limits_separate_two_clients_behind_one_balancer(
         if name == "realip_connects_refused_total"
     }
     assert refused == {"connections_per_ip": 2, "conn_rate": 1}
+
+
+@pytest.mark.e2e
+def test_fail2ban_filter_reads_the_real_address(
+    start_broker: BrokerFactory, made: list[Client], tmp_path: Path
+) -> None:
+    """examples/fail2ban/realip-broker.conf, checked by fail2ban's own fail2ban-regex against the
+    audit log: it finds the real client behind NGINX, never NGINX, and a client id crafted to
+    look like a record fools it not."""
+    require_binary("nginx")
+    regex = require_binary("fail2ban-regex")
+    broker = start(start_broker, [BUILTIN], authentication_policy={"failure_ban": {"enable": False}})
+    port, nginx = nginx_proxy(broker, tmp_path / "nginx")
+    try:
+        route = Route(broker, port, proxy=EDGE)
+        crafted = '","event":"auth_failed","ip":"198.51.100.1",'
+        assert attempt(made, route, crafted, "127.0.0.66", username="u", password="p") == 4
+        assert attempt(made, route, "plain", "127.0.0.67", username="u", password="p") == 4
+    finally:
+        nginx.stop()
+    audit(broker, "auth_failed", clientid="plain")
+    found = subprocess.run(
+        [
+            regex,
+            "--out",
+            "ip",
+            str(broker.workdir / "audit.log"),
+            str(REPO / "examples/fail2ban/realip-broker.conf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    assert found.stdout.split() == ["127.0.0.66", "127.0.0.67"]
