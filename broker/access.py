@@ -121,8 +121,11 @@ class Gatekeeper:
             for listener in settings.listeners
             if listener.max_conn_rate_per_ip is not None
         }
-        #: (listener id, ip) -> connected clients
+        #: (listener id, ip) -> connected clients, on listeners with max_connections_per_ip only
         self._connections: dict[tuple[str, str], int] = {}
+        self._counted = {
+            listener.id for listener in settings.listeners if listener.max_connections_per_ip != UNLIMITED
+        }
         self._failure_ban = settings.authentication_policy.failure_ban
         self._failures = _FailureCounter(self._failure_ban)
         self._on_ban = on_ban
@@ -164,6 +167,15 @@ class Gatekeeper:
                 f"(listeners.{listener.type}.{listener.name}.max_conn_rate_per_ip)",
                 reasons.CONNECTION_RATE_EXCEEDED,
             )
+        return self.check_connections(listener_id, ip)
+
+    def check_connections(self, listener_id: str, ip: str) -> Refusal | None:
+        """``max_connections_per_ip`` of the listener (asked again when a client is attached after
+        an authentication that took a while: others from its address may have come meanwhile).
+        Never raises."""
+        listener = self._listeners.get(listener_id)
+        if listener is None:
+            return None
         limit = listener.max_connections_per_ip
         if limit != UNLIMITED and self._connections.get((listener_id, ip), 0) >= limit:
             return Refusal(
@@ -176,11 +188,15 @@ class Gatekeeper:
 
     def connected(self, listener_id: str, ip: str) -> None:
         """A client from ``ip`` was admitted on ``listener_id``."""
+        if listener_id not in self._counted:
+            return
         key = (listener_id, ip)
         self._connections[key] = self._connections.get(key, 0) + 1
 
     def disconnected(self, listener_id: str, ip: str) -> None:
         """A client admitted with :meth:`connected` is gone."""
+        if listener_id not in self._counted:
+            return
         key = (listener_id, ip)
         left = self._connections.get(key, 0) - 1
         if left > 0:

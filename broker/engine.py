@@ -419,10 +419,10 @@ class Engine:
     ) -> None:
         """Admit, or refuse, a client whose authentication is decided."""
         if decision.admitted:
-            # Kept for the authorization sources' requests (which never carry the password).
-            channel.credentials = dataclasses.replace(
-                admission.credentials, username=admission.username, password=None
-            )
+            if self._sources:  # kept for their requests (which never carry the password)
+                channel.credentials = dataclasses.replace(
+                    admission.credentials, username=admission.username, password=None
+                )
             # Only a proven username can match rules that name one, or fill ${username}.
             username = admission.username if decision.authenticated else None
             rules = (
@@ -474,6 +474,11 @@ class Engine:
         ip = channel.address.ip
         if connect.will is not None:
             refusal = self._check_will(connect.will.topic, rules)
+            if refusal is not None:
+                self._refuse(channel, connect, refusal, client_id=client_id, username=username)
+                return
+        if self.gatekeeper is not None and channel.held is not None:  # authenticated in a task
+            refusal = self.gatekeeper.check_connections(channel.listener_id, ip)
             if refusal is not None:
                 self._refuse(channel, connect, refusal, client_id=client_id, username=username)
                 return

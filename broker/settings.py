@@ -243,7 +243,11 @@ def parse_tls_versions(value: Any) -> tuple[str, ...]:
     Raises:
         ValueError: anything else.
     """
-    if not isinstance(value, list) or not value or any(v not in VERSIONS for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(not isinstance(v, str) or v not in VERSIONS for v in value)
+    ):
         raise ValueError(f"{value!r} is not a non-empty list of {', '.join(VERSIONS)}")
     return tuple(value)
 
@@ -838,7 +842,8 @@ def _parse_authentication_into(
             continue
         entry = dict(raw)
         mechanism, backend = entry.pop("mechanism", None), entry.pop("backend", "")
-        cls = AUTHENTICATORS.get((mechanism, backend)) if isinstance(mechanism, str) else None
+        known = isinstance(mechanism, str) and isinstance(backend, str)
+        cls = AUTHENTICATORS.get((mechanism, backend)) if known else None
         if cls is None:
             problems.append(
                 ConfigProblem(where, f"mechanism {mechanism!r} backend {backend!r} is not one of: {kinds}")
@@ -920,7 +925,9 @@ def parse_anonymous(value: Any) -> bool | None:
     """
     if value == "auto":
         return None
-    return parse_bool(value)
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not auto, true or false")
+    return value
 
 
 @dataclass(frozen=True)

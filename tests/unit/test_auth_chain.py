@@ -116,7 +116,15 @@ async def test_a_password_without_username_goes_to_the_chain() -> None:
         ((IGNORE, ALLOW, DENY), reasons.SUCCESS, "", True, False, False, "a1"),  # first allow wins
         ((DENY,), reasons.BAD_USERNAME_OR_PASSWORD, "bad_credentials", False, False, True, "a0"),
         ((DENY, ALLOW), reasons.BAD_USERNAME_OR_PASSWORD, "bad_credentials", False, False, True, "a0"),
-        ((IGNORE, DENY, ALLOW), reasons.BAD_USERNAME_OR_PASSWORD, "bad_credentials", False, False, True, "a1"),
+        (
+            (IGNORE, DENY, ALLOW),
+            reasons.BAD_USERNAME_OR_PASSWORD,
+            "bad_credentials",
+            False,
+            False,
+            True,
+            "a1",
+        ),
         ((IGNORE,), reasons.BAD_USERNAME_OR_PASSWORD, "bad_credentials", False, False, True, ""),
         ((IGNORE, IGNORE), reasons.BAD_USERNAME_OR_PASSWORD, "bad_credentials", False, False, True, ""),
         ((FAILED,), reasons.SERVER_UNAVAILABLE, "auth_unavailable", False, False, False, ""),
@@ -191,9 +199,16 @@ async def test_start_and_close_every_authenticator_in_order() -> None:
 
 
 async def test_a_failed_start_closes_the_ones_started_and_names_the_one_that_failed() -> None:
-    first, second, broken, never = Fake("a"), Fake("b"), Fake("password_based:password_file", fail_start=True), Fake("d")
+    first, second, broken, never = (
+        Fake("a"),
+        Fake("b"),
+        Fake("password_based:password_file", fail_start=True),
+        Fake("d"),
+    )
     chain = AuthChain((first, second, broken, never))
-    with pytest.raises(AuthError, match=r"^authentication \(password_based:password_file\): cannot read the file$"):
+    with pytest.raises(
+        AuthError, match=r"^authentication \(password_based:password_file\): cannot read the file$"
+    ):
         await chain.start()
     assert first.events == ["start", "close"]
     assert second.events == ["start", "close"]

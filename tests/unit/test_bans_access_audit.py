@@ -357,6 +357,22 @@ def test_a_ban_that_cannot_be_written_is_not_reported(tmp_path: Path) -> None:
     clock = Clock()
     told: list[tuple[Ban, int]] = []
     settings = limited(failure_ban={"max_count": 1})
-    gate = Gatekeeper(settings, BanStore(tmp_path / "blocked"), on_ban=lambda b, c: told.append((b, c)), clock=clock)
+    gate = Gatekeeper(
+        settings, BanStore(tmp_path / "blocked"), on_ban=lambda b, c: told.append((b, c)), clock=clock
+    )
     assert gate.authentication_failed("203.0.113.7") is None
     assert (told, gate.failure_bans, gate.check_address("tcp:default", "203.0.113.7")) == ([], 0, None)
+
+
+def test_check_connections_asks_only_the_connection_limit(tmp_path: Path) -> None:
+    clock = Clock()
+    settings = limited({"max_connections_per_ip": 1, "max_conn_rate_per_ip": "1/h"})
+    gate = Gatekeeper(settings, BanStore(tmp_path), clock=clock)
+    ip = "203.0.113.7"
+    assert refusal_of(gate, ip) is None  # takes the only token
+    assert [gate.check_connections("tcp:default", ip) for _ in range(3)] == [None] * 3  # no token taken
+    gate.connected("tcp:default", ip)
+    refusal = gate.check_connections("tcp:default", ip)
+    assert refusal is not None and (refusal.reason, refusal.code) == ("connections_per_ip", 0x97)
+    assert gate.check_connections("ws:default", ip) is None
+    assert gate.check_connections("tcp:unknown", ip) is None
