@@ -8,11 +8,8 @@ expire; expired bans are dropped when next seen.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import RealIPError
+from broker.files import replace_atomically
 from broker.settings import parse_duration
 from listeners.address import IPNetwork, Networks, normalize_ip, parse_network
 
@@ -165,24 +163,7 @@ class BanStore:
 
     def _save(self) -> None:
         document = {"version": FILE_VERSION, "bans": [asdict(ban) for ban in self._bans.values()]}
-        data = json.dumps(document, indent=1).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, temporary = tempfile.mkstemp(prefix=".bans-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_atomically(self.path, json.dumps(document, indent=1).encode())
 
     def add(self, ban: Ban) -> Ban:
         """Add or replace a ban and persist the list.

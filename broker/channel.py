@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from broker.core.session import Delivery
+from broker.logs import Throttle
 from broker.mqtt import packets as mp
 from broker.mqtt import reasons
 from broker.mqtt.codec import encode_publish_parts
@@ -47,10 +47,6 @@ MAX_OUTBOUND_ALIASES = 256
 #: reading stops meanwhile, so this only caps what one read brought.
 MAX_HELD_PACKETS = 1000
 
-#: Seconds between two log lines about the same client-caused condition (dropped messages,
-#: refused publishes): the first is logged at once, the rest are counted and summarised.
-LOG_INTERVAL = 10.0
-
 
 #: The DISCONNECT reason code an MQTT 5 client is sent when the broker ends its connection.
 _DISCONNECT_CODES = {
@@ -68,27 +64,6 @@ class ChannelState(Enum):
     AWAITING_CONNECT = "awaiting_connect"
     CONNECTED = "connected"
     CLOSED = "closed"
-
-
-class Throttle:
-    """Logs a client-caused warning once, then at most every :data:`LOG_INTERVAL` with a count."""
-
-    __slots__ = ("_last", "_suppressed")
-
-    def __init__(self) -> None:
-        self._last = -LOG_INTERVAL
-        self._suppressed = 0
-
-    def log(self, level: int, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_INTERVAL:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += " (%d more like it since the last report)"
-            args = (*args, self._suppressed)
-        self._last, self._suppressed = now, 0
-        logger.log(level, message, *args)
 
 
 class Channel:

@@ -30,10 +30,11 @@ from broker.access import Gatekeeper, Refusal
 from broker.auth.base import AuthorizationSource, Credentials, Outcome
 from broker.auth.chain import AuthChain, Decision
 from broker.authorization import Authorizer, ClientRules
-from broker.channel import Channel, ChannelState, Throttle
+from broker.channel import Channel, ChannelState
 from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
 from broker.core.topics import RetainedStore, SubscriptionTrie
 from broker.errors import RealIPError
+from broker.logs import Throttle
 from broker.metrics import MessageCounters
 from broker.mqtt import packets as mp
 from broker.mqtt import reasons
@@ -818,7 +819,12 @@ class Engine:
         """Count a refused PUBLISH and log ``client 'x' from <address> <why>; dropped`` (throttled)."""
         self.counters.dropped[reason] += 1
         channel.throttle.log(
-            level, f"client %r from %s {why}; dropped", channel.client_id, channel.address.describe(), *args
+            logger,
+            level,
+            f"client %r from %s {why}; dropped",
+            channel.client_id,
+            channel.address.describe(),
+            *args,
         )
         return False
 
@@ -993,6 +999,7 @@ class Engine:
             self.counters.dropped[RETAINED_FULL] += 1
             if channel is not None:
                 channel.throttle.log(
+                    logger,
                     logging.WARNING,
                     "client %r from %s: %d retained messages stored (mqtt.max_retained_messages); "
                     "retained message on %r not kept",
@@ -1043,6 +1050,7 @@ class Engine:
             if refused is not None:
                 self.counters.refused_subscriptions[refused[0]] += 1
                 channel.throttle.log(
+                    logger,
                     logging.INFO,
                     "client %r from %s may not subscribe to %r (%s)",
                     channel.client_id,
@@ -1124,6 +1132,7 @@ class Engine:
         """A session dropped a delivery: count it, and log it without flooding."""
         self.counters.dropped[reason] += 1
         session.throttle.log(
+            logger,
             logging.WARNING,
             "client %r: message on %r dropped (%s; queue %d, mqtt.max_mqueue_len %s)",
             session.client_id,

@@ -127,14 +127,7 @@ class Operations:
         Raises:
             UserError: the name or password is refused, the user exists, or the file cannot be written.
         """
-        user = await asyncio.to_thread(
-            UserStore.make_user,
-            username,
-            password,
-            is_superuser=is_superuser,
-            algorithm=self._algorithm,
-            iteration_count=self._iterations,
-        )
+        user = await self._make_user(username, password, is_superuser)
         self.users.add(user)
         self.audit.log.write("user_added", username=username, is_superuser=is_superuser, by=by)
         return user
@@ -154,20 +147,28 @@ class Operations:
         if password is None:
             user = dataclasses.replace(current, is_superuser=superuser)
         else:
-            user = await asyncio.to_thread(
-                UserStore.make_user,
-                username,
-                password,
-                is_superuser=superuser,
-                algorithm=self._algorithm,
-                iteration_count=self._iterations,
-            )
+            user = await self._make_user(username, password, superuser)
         stored = self.users.replace(user)
         changed = ["password"] if password is not None else []
         if is_superuser is not None:
             changed.append("is_superuser")
         self.audit.log.write("user_updated", username=username, changed=changed, by=by)
         return stored
+
+    async def _make_user(self, username: str, password: str, is_superuser: bool) -> User:
+        """Hash a password the configured way, in a worker thread (it costs tens of ms).
+
+        Raises:
+            UserError: the name or password is refused.
+        """
+        return await asyncio.to_thread(
+            UserStore.make_user,
+            username,
+            password,
+            is_superuser=is_superuser,
+            algorithm=self._algorithm,
+            iteration_count=self._iterations,
+        )
 
     def delete_user(self, username: str, *, by: str = "admin") -> User:
         """Remove a user (its connected clients stay connected until they reconnect).

@@ -28,10 +28,10 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from broker.auth.base import AuthError, Credentials, Outcome, Verdict
+from broker.logs import Throttle
 
 if TYPE_CHECKING:
     from broker.settings import AmqttPluginSettings
@@ -50,9 +50,6 @@ PLUGIN_NAMESPACE = "amqtt.broker.plugins"
 #: request timeout, for the slower directory servers.
 PLUGIN_TIMEOUT = 10.0
 
-#: Seconds between two log lines about a failing plugin: a plugin broken for every client would
-#: otherwise write one line per CONNECT attempt (an easy way to fill a disk).
-LOG_INTERVAL = 10.0
 
 #: The broker events amqtt fires around a plugin's life (``amqtt.events.BrokerEvents`` values):
 #: hooks ``on_<event>()`` with no arguments.
@@ -65,28 +62,6 @@ ATTRIBUTE_PREFIX = "realip_broker."
 
 #: What this module reads or writes on a ``Session`` (checked by :func:`amqtt_incompatibilities`).
 _SESSION_FIELDS = ("remote_address", "remote_port", "client_id", "username", "password", "ssl_object")
-
-
-class _Throttle:
-    """Logs a warning at once, then at most every :data:`LOG_INTERVAL` with a count of the rest."""
-
-    __slots__ = ("_last", "_suppressed")
-
-    def __init__(self) -> None:
-        self._last = -LOG_INTERVAL
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: Any) -> None:
-        """Log, or count. Never raises."""
-        now = time.monotonic()
-        if now - self._last < LOG_INTERVAL:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += " (%d more like it since the last report)"
-            args = (*args, self._suppressed)
-        self._last, self._suppressed = now, 0
-        logger.warning(message, *args)
 
 
 class _NoBroker:
@@ -116,7 +91,7 @@ class AmqttPluginAuthenticator:
         self.name = f"amqtt_plugin:{settings.plugin.rsplit('.', 1)[-1]}"
         self._plugin: Any = None
         self._session_class: Any = None
-        self._throttle = _Throttle()
+        self._throttle = Throttle()
 
     async def start(self) -> None:
         """Import the plugin class, build its ``Config`` and context, make it and run its start hooks.
@@ -203,7 +178,9 @@ class AmqttPluginAuthenticator:
             async with asyncio.timeout(PLUGIN_TIMEOUT):
                 answer = await plugin.authenticate(session=session)
         except TimeoutError:
-            self._throttle.warning(
+            self._throttle.log(
+                logger,
+                logging.WARNING,
                 "%s: no answer within %.0f s for client %r from %s",
                 self.name,
                 PLUGIN_TIMEOUT,
@@ -214,7 +191,9 @@ class AmqttPluginAuthenticator:
         except Exception as exc:
             # The type and where it was raised, never the message: a plugin may well put the
             # password it was given into it.
-            self._throttle.warning(
+            self._throttle.log(
+                logger,
+                logging.WARNING,
                 "%s raised %s (at %s) for client %r from %s",
                 self.name,
                 type(exc).__name__,
@@ -230,7 +209,9 @@ class AmqttPluginAuthenticator:
         if answer is None:
             return Verdict(Outcome.IGNORE)
         # amqtt takes any truthy value as a success; a plugin answering "deny" would be let in.
-        self._throttle.warning(
+        self._throttle.log(
+            logger,
+            logging.WARNING,
             "%s answered a %s, not True, False or None, for client %r from %s",
             self.name,
             type(answer).__name__,

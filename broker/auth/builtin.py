@@ -26,10 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
-import contextlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,9 +34,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.auth.base import IGNORE, Credentials, Outcome, Verdict
-from broker.auth.passwords import PasswordChecks, hash_password, is_known_format, typical_hash
+from broker.auth.passwords import PasswordChecks, check_password, hash_password, is_known_format, typical_hash
 from broker.auth.scram import ScramCredentials, make_credentials
 from broker.errors import RealIPError
+from broker.files import replace_atomically
 from broker.settings import HASH_ALGORITHMS
 
 FILE_NAME: Final = "users.json"
@@ -55,8 +53,6 @@ MAX_PASSWORD_BYTES: Final = 65535
 
 #: SCRAM algorithms every user gets credentials for, and their key length (the digest size).
 SCRAM_ALGORITHMS: Final = {"sha256": 32, "sha512": 64}
-
-BUSY: Final = Verdict(Outcome.IGNORE, error=True, reason="password checks busy")
 
 
 class UserError(RealIPError):
@@ -325,31 +321,13 @@ class UserStore:
         self._take(users)
 
     def _save(self, users: dict[str, User]) -> None:
-        """Replace the file atomically with ``users`` (same steps as ``BanStore._save``).
+        """Replace the file atomically with ``users``.
 
         Raises:
             OSError: it cannot be written; the old file is then intact.
         """
         document = {"version": FILE_VERSION, "users": [_user_to_json(users[name]) for name in sorted(users)]}
-        data = json.dumps(document, indent=1).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # mkstemp creates the file 0600 whatever the umask: password hashes are for us alone.
-        fd, temporary = tempfile.mkstemp(prefix=".users-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_atomically(self.path, json.dumps(document, indent=1).encode())
 
 
 class BuiltinAuthenticator:
@@ -373,21 +351,12 @@ class BuiltinAuthenticator:
         username = credentials.username
         if not username:
             return IGNORE
-        # No password is checked like an empty one, then refused: same time as a wrong password.
-        password = credentials.password if credentials.password is not None else b""
         user = self.store.get(username)
-        if user is None:
-            if await self._checks.verify_unknown(password, self.store.typical_hash()) is None:
-                return BUSY
-            return Verdict(Outcome.IGNORE, reason="unknown user")
-        matched = await self._checks.verify(password, user.password_hash)
-        if matched is None:
-            return BUSY
-        if credentials.password is None:
-            return Verdict(Outcome.DENY, reason="no password")
-        if not matched:
-            return Verdict(Outcome.DENY, reason="bad password")
-        return Verdict(Outcome.ALLOW, is_superuser=user.is_superuser)
+        encoded = None if user is None else user.password_hash
+        verdict = await check_password(self._checks, credentials.password, encoded, self.store.typical_hash())
+        if user is not None and verdict.outcome is Outcome.ALLOW and user.is_superuser:
+            return Verdict(Outcome.ALLOW, is_superuser=True)
+        return verdict
 
     async def close(self) -> None:
         """Nothing to release. Never raises."""

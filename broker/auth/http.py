@@ -10,7 +10,7 @@ fields as query parameters. The answer, as EMQX reads it:
 - HTTP 204: allow;
 - any other status, a body that is not such an object, an unknown ``result``, a timeout, a
   connection error: ``ignore`` with ``error`` set (the backend failed, not the client), logged at
-  WARNING at most once every :data:`LOG_INTERVAL` seconds per backend.
+  WARNING at most once every :data:`broker.logs.LOG_INTERVAL` seconds per backend.
 
 One ``aiohttp.ClientSession`` per backend keeps up to ``pool_size`` connections open for reuse.
 Neither the password nor a rendered request is ever logged: failures name the configured URL
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
@@ -43,6 +42,7 @@ from broker.auth.placeholders import (
     render_json,
     render_url,
 )
+from broker.logs import Throttle
 from broker.settings import HttpAuthSettings, HttpRequestSettings
 
 __all__ = [
@@ -60,9 +60,6 @@ logger = logging.getLogger(__name__)
 #: make the broker buffer without bound (one buffer per CONNECT in flight).
 MAX_RESPONSE_BYTES: Final = 64 * 1024
 
-#: Seconds between two warnings of one backend: a server that is down fails every request, and the
-#: log must say so once in a while with a count, not once per client.
-LOG_INTERVAL: Final = 10.0
 
 #: Characters of a result quoted in a log line: the rest of what the server said is not ours to log.
 _QUOTED_RESULT: Final = 40
@@ -100,34 +97,6 @@ def _is_true(value: Any) -> bool:
     return value is True or value == 1 or (isinstance(value, str) and value.lower() == "true")
 
 
-class _WarningThrottle:
-    """Logs a backend failure at once, then at most every :data:`LOG_INTERVAL` with a count."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._last: float | None = None
-        self._suppressed = 0
-
-    def warning(self, message: str) -> bool:
-        """Log ``message`` unless one was logged less than :data:`LOG_INTERVAL` ago; whether it
-        was. Never raises."""
-        now = self._clock()
-        if self._last is not None and now - self._last < LOG_INTERVAL:
-            self._suppressed += 1
-            return False
-        if self._suppressed:
-            message += f" ({self._suppressed} more failures since the last report)"
-        self._last, self._suppressed = now, 0
-        logger.warning("%s", message)
-        return True
-
-    def flush(self, what: str) -> None:
-        """Report failures still uncounted in the log (at close). Never raises."""
-        if self._suppressed:
-            logger.warning("%s: %d more failures since the last report", what, self._suppressed)
-            self._suppressed = 0
-
-
 class _HttpCaller:
     """The request machinery shared by authentication and authorization: one session, templates
     rendered per call, EMQX's reading of the answer."""
@@ -139,7 +108,7 @@ class _HttpCaller:
         self._label = label
         self._where = _public_url(settings.url)
         self._session: aiohttp.ClientSession | None = None
-        self.throttle = _WarningThrottle()
+        self.throttle = Throttle()
         templates = [settings.url, *settings.headers.values(), *settings.body.values()]
         #: The placeholders the request uses.
         self.used: frozenset[str] = frozenset().union(*(placeholders_in(text) for text in templates))
@@ -172,7 +141,7 @@ class _HttpCaller:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-        self.throttle.flush(self._label)
+        self.throttle.flush(logger, self._label)
 
     def _request(self, values: Mapping[str, str]) -> tuple[str, dict[str, str], bytes | None]:
         """The URL (fully encoded), headers and body of one request. Never raises."""
@@ -191,7 +160,7 @@ class _HttpCaller:
         return url, headers, render_json(settings.body, values)
 
     def _failure(self, reason: str) -> Verdict:
-        self.throttle.warning(f"{self._label}: {reason}")
+        self.throttle.log(logger, logging.WARNING, "%s: %s", self._label, reason)
         return Verdict(Outcome.IGNORE, reason=reason, error=True)
 
     async def call(self, values: Mapping[str, str]) -> Verdict:

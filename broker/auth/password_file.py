@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Final
 
-from broker.auth.base import IGNORE, AuthError, Credentials, Outcome, Verdict
-from broker.auth.passwords import PasswordChecks, is_known_format, typical_hash
+from broker.auth.base import IGNORE, AuthError, Credentials, Verdict
+from broker.auth.passwords import PasswordChecks, check_password, is_known_format, typical_hash
 from broker.settings import PasswordFileSettings
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ MAX_FILE_BYTES: Final = 64 * 1024 * 1024
 
 #: (st_mtime_ns, st_size, st_ino): what tells a changed file.
 Signature = tuple[int, int, int]
-
-BUSY: Final = Verdict(Outcome.IGNORE, error=True, reason="password checks busy")
 
 
 def _signature(stat: os.stat_result) -> Signature:
@@ -158,21 +156,8 @@ class PasswordFileAuthenticator:
         username = credentials.username
         if not username:
             return IGNORE
-        # No password is checked like an empty one, then refused: same time as a wrong password.
-        password = credentials.password if credentials.password is not None else b""
         encoded = self._users.get(username)
-        if encoded is None:
-            if await self._checks.verify_unknown(password, self._typical) is None:
-                return BUSY
-            return Verdict(Outcome.IGNORE, reason="unknown user")
-        matched = await self._checks.verify(password, encoded)
-        if matched is None:
-            return BUSY
-        if credentials.password is None:
-            return Verdict(Outcome.DENY, reason="no password")
-        if not matched:
-            return Verdict(Outcome.DENY, reason="bad password")
-        return Verdict(Outcome.ALLOW)
+        return await check_password(self._checks, credentials.password, encoded, self._typical)
 
     async def close(self) -> None:
         """Nothing to release (the checks' threads belong to the application). Never raises."""

@@ -44,6 +44,8 @@ import argon2
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pwdlib.hashers.bcrypt import BcryptHasher
 
+from broker.auth.base import Outcome, Verdict
+
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
@@ -389,3 +391,30 @@ class PasswordChecks:
         raises."""
         self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+#: The verdict when :class:`PasswordChecks` is full: the server's failure, not the client's.
+BUSY: Final = Verdict(Outcome.IGNORE, error=True, reason="password checks busy")
+
+
+async def check_password(
+    checks: PasswordChecks, password: bytes | None, encoded: str | None, typical: str | None
+) -> Verdict:
+    """The verdict of a password-based backend on one user: ``encoded`` is the user's hash (None:
+    no such user, answered ``ignore`` after spending the time of a check like ``typical``, so
+    that timing does not tell which user names exist); no or a wrong password is ``deny`` (after
+    the same check), the right one ``allow``; :data:`BUSY` when the checks are full. Never raises."""
+    # No password is checked like an empty one, then refused: same time as a wrong password.
+    given = password if password is not None else b""
+    if encoded is None:
+        if await checks.verify_unknown(given, typical) is None:
+            return BUSY
+        return Verdict(Outcome.IGNORE, reason="unknown user")
+    matched = await checks.verify(given, encoded)
+    if matched is None:
+        return BUSY
+    if password is None:
+        return Verdict(Outcome.DENY, reason="no password")
+    if not matched:
+        return Verdict(Outcome.DENY, reason="bad password")
+    return Verdict(Outcome.ALLOW)
