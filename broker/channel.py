@@ -151,7 +151,8 @@ class Channel:
         self.handlers = _HANDLERS
         #: Packets that arrived while the CONNECT was being authenticated (None: not holding).
         self.held: list[mp.Packet] | None = None
-        #: The authentication under way: its task, or an enhanced-authentication exchange.
+        #: What the connection waits for: the task authenticating its CONNECT or asking the
+        #: authorization sources, or an enhanced-authentication exchange (SCRAM) under way.
         self.pending: Any = None
         self.authenticated = False
         self.is_superuser = False
