@@ -339,7 +339,7 @@ def test_mosquitto_password_file_and_its_reload(
 
 
 def test_amqtt_file_auth_plugin_hosted(
-    start_broker: BrokerFactory, made: list[Client], tmp_path: Path
+    start_broker: BrokerFactory, via: Callable[[BrokerProcess], Route], made: list[Client], tmp_path: Path
 ) -> None:
     passwd = tmp_path / "amqtt-passwd"
     passwd.write_text(f"plugin-user:{Argon2Hasher().hash('plugin-pw')}\n")
@@ -349,10 +349,11 @@ def test_amqtt_file_auth_plugin_hosted(
         "config": {"password_file": str(passwd)},
     }
     broker = start(start_broker, [plugin])
-    route = Route(broker, broker.port("tcp:default"))
+    route = via(broker)
     assert attempt(made, route, "p1", "127.0.0.38", username="plugin-user", password="plugin-pw") == 0
     assert attempt(made, route, "p2", "127.0.0.39", username="plugin-user", password="nope") == 4
     assert audit(broker, "auth_failed", clientid="p2")["by"] == "amqtt_plugin:FileAuthPlugin"
+    assert_refused_by_address(broker, route, "127.0.0.39", "p2")
 
 
 def test_jwt_valid_expired_forged_and_claims(
@@ -715,6 +716,27 @@ def test_username_rules_cannot_be_claimed(start_broker: BrokerFactory, made: lis
         == 0
     )
     assert admin.messages.get(timeout=WAIT) == ("admin/x", b"ok")
+
+
+def test_superusers_are_not_subject_to_rules(start_broker: BrokerFactory, made: list[Client]) -> None:
+    rules = {"rules": [{"permission": "deny", "action": "all", "topics": ["#"]}], "no_match": "deny"}
+    broker = start(start_broker, [BUILTIN], authorization=rules)
+    assert add_user(broker, "ops", "ops-pw", "--superuser").returncode == 0
+    assert add_user(broker, "dev", "dev-pw").returncode == 0
+    route = Route(broker, broker.port("tcp:default"))
+    ops = Client(route, "ops-1", source="127.0.0.68", username="ops", password="ops-pw")
+    dev = Client(route, "dev-1", source="127.0.0.69", username="dev", password="dev-pw")
+    made.extend([ops, dev])
+    assert ops.connack() == 0 and dev.connack() == 0
+    dev.client.subscribe("plant/#")
+    assert dev.subacks.get(timeout=WAIT) == [0x80]
+    ops.client.subscribe("plant/#")
+    assert ops.subacks.get(timeout=WAIT) == [0]
+    ops.client.publish("plant/line-1", b"stop", qos=1).wait_for_publish(WAIT)
+    assert ops.messages.get(timeout=WAIT) == ("plant/line-1", b"stop")
+    info = json.loads(ctl(broker, "clients", "show", "ops-1", "--json").stdout)
+    assert (info["is_superuser"], info["authenticated"]) == (True, True)
+    assert "is_superuser=true" in ctl(broker, "clients", "show", "ops-1").stdout
 
 
 def test_a_users_session_cannot_be_taken_by_another_user(
