@@ -15,11 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.admin import AdminServer
+from broker.auth.chain import AuthChain
 from broker.engine import SessionView
 from broker.metrics import MessageCounters
 from broker.settings import AdminAddress, AdminSettings
@@ -30,6 +32,10 @@ class FakeEngine:
     def __init__(self, count: int) -> None:
         now = time.time()
         self.counters = MessageCounters()
+        # What /metrics reads besides the sessions (AdminServer builds its collector from them).
+        self.gatekeeper = None
+        self.auth = AuthChain()
+        self.source_results: Counter[tuple[str, str]] = Counter()
         self._views = [
             SessionView(
                 client_id=f"device-{index:05d}",

@@ -14,12 +14,10 @@ from broker.access import Gatekeeper
 from broker.admin import AdminServer
 from broker.advice import config_warnings
 from broker.audit import AuditLog
-from broker.auth.amqtt_plugin import AmqttPluginAuthenticator
 from broker.auth.base import Authenticator, AuthError
 from broker.auth.builtin import BuiltinAuthenticator, UserError, UserStore
 from broker.auth.chain import AuthChain, Exchange
 from broker.auth.http import HttpAuthenticator, HttpAuthorizationSource
-from broker.auth.jwt import JwtAuthenticator
 from broker.auth.password_file import PasswordFileAuthenticator
 from broker.auth.passwords import PasswordChecks
 from broker.auth.scram import METHODS as SCRAM_METHODS
@@ -64,8 +62,12 @@ def make_auth_chain(settings: Settings, users: UserStore, checks: PasswordChecks
         elif isinstance(entry, HttpAuthSettings):
             authenticators.append(HttpAuthenticator(entry))
         elif isinstance(entry, JwtSettings):
+            from broker.auth.jwt import JwtAuthenticator  # cryptography: ~8 MiB, only when used
+
             authenticators.append(JwtAuthenticator(entry))
         elif isinstance(entry, AmqttPluginSettings):
+            from broker.auth.amqtt_plugin import AmqttPluginAuthenticator
+
             authenticators.append(AmqttPluginAuthenticator(entry))
         else:
             method = next(name for name, algorithm in SCRAM_METHODS.items() if algorithm == entry.algorithm)
