@@ -34,9 +34,11 @@ SIZES = {False: (750, 8), True: (200, 2)}
 CONCURRENCY = 50
 
 
-async def one(port: int, header: bytes, index: int) -> None:
+async def one(
+    port: int, header: bytes, index: int, connect: Callable[[bytes], bytes] = connect_packet
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(header + connect_packet(b"bench-%d" % index))
+    writer.write(header + connect(b"bench-%d" % index))
     connack = await asyncio.wait_for(reader.readexactly(4), 10.0)
     assert connack == b"\x20\x02\x00\x00", connack
     writer.write(b"\xe0\x00")  # DISCONNECT
@@ -51,14 +53,20 @@ def _own_cpu() -> float:
 
 
 async def run_round(
-    port: int, header_of: Callable[[int], bytes] | None, connections: int, concurrency: int, broker: Broker
+    port: int,
+    header_of: Callable[[int], bytes] | None,
+    connections: int,
+    concurrency: int,
+    broker: Broker,
+    connect: Callable[[bytes], bytes] = connect_packet,
 ) -> tuple[float, float, float]:
-    """(connections/s, broker CPU share, client CPU share) of one round."""
+    """(connections/s, broker CPU share, client CPU share) of one round; ``connect`` makes the
+    CONNECT from a client id."""
     semaphore = asyncio.Semaphore(concurrency)
 
     async def guarded(index: int) -> None:
         async with semaphore:
-            await one(port, header_of(index) if header_of else b"", index)
+            await one(port, header_of(index) if header_of else b"", index, connect)
 
     cpu0, client0 = broker.cpu_seconds(), _own_cpu()
     started = time.perf_counter()

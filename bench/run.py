@@ -17,6 +17,8 @@ realip-broker runs on its default event loop (asyncio's own); the loop contender
   (bench_filters.py).
 - ``latency``     QoS 1 publish->receive p50/p90/p99 under a fixed background load, three brokers.
 - ``connect``     connection rate through a PROXY v1 / v2 listener vs a plain one.
+- ``auth``        CONNECT rate with each password backend (built-in database argon2id and
+                  PBKDF2, a mosquitto password file) vs no authenticator (bench_auth_connect.py).
 - ``ws``          WebSocket connection rate with X-Forwarded-For resolution vs without.
 - ``memory``      resident memory per idle connection at 1k and 10k connections through a PROXY
                   listener (asyncio's loop and uvloop), with amqtt's own listener and mosquitto at
@@ -52,6 +54,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import bench_auth_connect  # noqa: E402
 import bench_connect_rate  # noqa: E402
 import bench_filters  # noqa: E402
 import bench_latency  # noqa: E402
@@ -140,6 +143,7 @@ BENCHMARKS: dict[str, Callable[[Options], Awaitable[list[Table]]]] = {
     "filters": bench_filters.run,
     "latency": bench_latency.run,
     "connect": bench_connect_rate.run,
+    "auth": bench_auth_connect.run,
     "ws": bench_ws_connect_rate.run,
     "memory": bench_memory.run,
     "parse": run_parse,

@@ -4,7 +4,7 @@
 Formats :func:`verify_password` accepts (``b64`` is standard base64, RFC 4648 section 4; padding
 optional)::
 
-    $argon2id$v=19$m=65536,t=3,p=4$<salt>$<hash>   argon2 (PHC string; also mosquitto 2.1's default)
+    $argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>   argon2 (PHC string; also mosquitto 2.1's default)
     $2b$12$<53 characters>                         bcrypt ($2a$ and $2y$ too)
     $pbkdf2-sha512$i=<iterations>$<b64 salt>$<b64 hash>
                                                    ours: PBKDF2-HMAC-SHA512, 16-byte salt, 64-byte
@@ -13,10 +13,11 @@ optional)::
     $7$<iterations>$<b64 salt>$<b64 hash>          mosquitto 2.0: PBKDF2-HMAC-SHA512, 64-byte hash
     $6$<b64 salt>$<b64 hash>                       mosquitto 1.x: SHA-512(password || salt)
 
-:func:`hash_password` writes the first three. Checking an argon2id hash costs ~64 MiB and tens of
-milliseconds of CPU, a bcrypt one hundreds: :class:`PasswordChecks` runs them in a few worker
-threads, never on the event loop, and refuses work beyond a bound instead of queueing it without
-end (a flood of CONNECTs must not become a flood of hash computations).
+:func:`hash_password` writes the first three. Checking a hash costs tens of milliseconds of CPU
+(and an argon2id one the memory it asks for: 19 MiB for ours, 64 MiB with argon2-cffi's
+default): :class:`PasswordChecks` runs them in a few worker threads, never on the event loop, and
+refuses work beyond a bound instead of queueing it without end (a flood of CONNECTs must not
+become a flood of hash computations).
 
 Hashes are read from files an operator writes, but a typo or a hostile file must not pin a worker
 for minutes or allocate gigabytes: the cost parameters a hash may ask for are capped below, and a
@@ -80,8 +81,13 @@ BCRYPT_MAX_PASSWORD_BYTES: Final = 72
 #: Dummy hashes kept (one per distinct scheme and cost seen): a handful in practice.
 _MAX_DUMMY_HASHES: Final = 32
 
-_ARGON2: Final = Argon2Hasher()
-_BCRYPT: Final = BcryptHasher()
+#: New argon2id hashes: OWASP's Password Storage Cheat Sheet minimum (19 MiB, 2 passes, 1 lane),
+#: about 28 ms a check here. argon2-cffi's default (64 MiB, 3 passes, 4 lanes) costs 135 ms: with
+#: two worker threads a reconnect storm would be served at ~15 CONNECTs per second. Existing hashes
+#: are checked with the parameters they carry.
+_ARGON2: Final = Argon2Hasher(time_cost=2, memory_cost=19456, parallelism=1)
+#: New bcrypt hashes: cost 10, OWASP's minimum (about 60 ms here; pwdlib's default 12 is 4x that).
+_BCRYPT: Final = BcryptHasher(rounds=10)
 
 _B64: Final = r"[A-Za-z0-9+/]+={0,2}"
 _DIGITS: Final = r"[0-9]{1,10}"

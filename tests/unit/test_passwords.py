@@ -218,7 +218,7 @@ def test_dummy_hashes_cost_what_the_hash_they_imitate_costs(tmp_path: Path) -> N
     # Nothing to imitate: argon2id at the cost hash_password uses.
     default = argon2.extract_parameters(dummy_hash(None))
     assert default == argon2.extract_parameters(dummy_hash("garbage"))
-    assert (default.memory_cost, default.time_cost) == (65536, 3)
+    assert (default.memory_cost, default.time_cost, default.parallelism) == (19456, 2, 1)
     assert verify_dummy(b"pw", mosquitto) is False
 
 
