@@ -27,13 +27,13 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.audit import iso8601
 from broker.auth.builtin import UserError
 from broker.bans import BanError
 from broker.engine import Engine, SessionView
@@ -57,11 +57,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class AdminStartupError(RealIPError):
     """The admin API cannot listen where configured."""
-
-
-def iso8601(timestamp: float) -> str:
-    """``2026-11-27T03:36:05.011+00:00``."""
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 def client_json(view: SessionView) -> dict[str, Any]:
@@ -245,9 +240,10 @@ class AdminServer:
 
     @web.middleware
     async def _require_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        expected = f"Bearer {self.settings.token}".encode()
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        # RFC 7235 2.1: the scheme is case-insensitive ("bearer" is "Bearer"); the token is not.
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, self.settings.token.encode()):
             logger.warning("admin API: request without a valid token from %s refused", request.remote)
             return _error(401, "UNAUTHORIZED", "missing or wrong bearer token (admin.token)")
         return await handler(request)
@@ -303,7 +299,7 @@ class AdminServer:
                     "name": settings.name,
                     "bind": str(settings.bind),
                     "addresses": [f"{host}:{port}" for host, port in listener.addresses()],
-                    "proxy_protocol": settings.proxy_protocol.value,
+                    "proxy_protocol": settings.proxy_protocol.dump(),  # false, true, "optional"
                     "trusted_proxies": [str(network) for network in settings.trusted_proxies],
                     "max_connections": settings.max_connections or "infinity",
                     "current_connections": listener.stats.current,

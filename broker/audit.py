@@ -26,6 +26,11 @@ from listeners.address import ClientAddress
 logger = logging.getLogger(__name__)
 
 
+def iso8601(timestamp: float) -> str:
+    """``2026-11-27T03:36:05.011+00:00``: the form of every time in audit records and the API."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
 def address_fields(address: ClientAddress | None) -> dict[str, Any]:
     """The address part of a record."""
     if address is None:
@@ -81,7 +86,7 @@ class AuditLog:
         if not self.path:
             return
         record = {
-            "ts": datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds"),
+            "ts": iso8601(time.time()),
             "event": event,
         }
         record.update((key, value) for key, value in fields.items() if value is not None)

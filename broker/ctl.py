@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import sys
+import unicodedata
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -108,6 +109,27 @@ class AdminClient:
         return response.status, body.decode("utf-8", "replace")
 
 
+def printable(text: str) -> str:
+    """``text`` safe for an operator's terminal: control and format characters (newlines, ANSI
+    escapes, bidirectional overrides...) written as ``\\n``, ``\\x1b``, ``\\u202e``, and a
+    backslash as ``\\\\``, so a client id cannot forge a line or colour the screen. Never raises."""
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(char)[0] == "C":
+            escaped = char.encode("unicode_escape").decode("ascii")
+            out.append(escaped if escaped != char else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def say(line: str, *, error: bool = False) -> None:
+    """Print one line of ``ctl``'s output (not JSON), escaped by :func:`printable`."""
+    print(printable(line), file=sys.stderr if error else sys.stdout)
+
+
 def client_line(client: dict[str, Any]) -> str:
     """The one-line form of a client (``clients show``)."""
 
@@ -161,8 +183,10 @@ def client_line(client: dict[str, Any]) -> str:
 def listener_line(listener: dict[str, Any]) -> str:
     """The one-line form of a listener (``ctl listeners``)."""
     refused = ",".join(f"{reason}:{count}" for reason, count in listener["refused"].items()) or "none"
+    mode = listener["proxy_protocol"]
+    mode = str(mode).lower() if isinstance(mode, bool) else mode  # as written in YAML
     return (
-        f"{listener['id']:<16} bind={listener['bind']} proxy_protocol={listener['proxy_protocol']} "
+        f"{listener['id']:<16} bind={listener['bind']} proxy_protocol={mode} "
         f"connections={listener['current_connections']} accepted={listener['accepted']} refused={refused}"
     )
 
@@ -179,7 +203,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     clients = topics.add_parser("clients", help="connected clients")
     actions = clients.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="every connected client")
+    listing = actions.add_parser("list", help="every connected client (or those the filters name)")
+    listing.add_argument("--ip", metavar="CIDR", help="whose real address is in this address or network")
+    listing.add_argument("--listener", metavar="ID", help="on this listener, e.g. tcp:default")
+    listing.add_argument("--username", metavar="NAME")
     listing.add_argument("--json", action="store_true")
     show = actions.add_parser("show", help="one client")
     show.add_argument("client_id", metavar="ID")
@@ -259,7 +286,7 @@ def _users(client: AdminClient, args: argparse.Namespace) -> int:
         status, data = client.request("GET", base)
         _check(status, data)
         for user in data["data"] if not args.json else ():
-            print(user_line(user))
+            say(user_line(user))
         if args.json:
             _print_json(data["data"])
         return 0
@@ -275,7 +302,7 @@ def _users(client: AdminClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data if data is not None else {"user_id": args.username, "deleted": True})
     else:
-        print("ok" if data is None else user_line(data))
+        say("ok" if data is None else user_line(data))
     return 0
 
 
@@ -311,19 +338,20 @@ def run(args: argparse.Namespace) -> int:
                 _print_json(data)
             else:
                 for listener in data:
-                    print(listener_line(listener))
+                    say(listener_line(listener))
             return 0
         if args.topic == "banned":
             return _banned(client, args)
         if args.topic == "users":
             return _users(client, args)
         if args.action == "list":
-            return _list_clients(client, args.json)
+            filters = {name: getattr(args, name) for name in ("ip", "listener", "username")}
+            return _list_clients(client, args.json, {k: v for k, v in filters.items() if v is not None})
         path = f"/api/v1/clients/{quote(args.client_id, safe='')}"
         method = "DELETE" if args.action == "kick" else "GET"
         status, data = client.request(method, path)
         if status == 404:
-            print(f"client {args.client_id} not found", file=sys.stderr)
+            say(f"client {args.client_id} not found", error=True)
             return 1
         if status >= 400:
             raise AdminError(f"the admin API answered {status}: {data}")
@@ -335,18 +363,21 @@ def run(args: argparse.Namespace) -> int:
         elif args.json:
             _print_json(data)
         else:
-            print(client_line(data))
+            say(client_line(data))
         return 0
     except (AdminError, ConfigError) as exc:
-        print(f"realip-broker ctl: {exc}", file=sys.stderr)
+        say(f"realip-broker ctl: {exc}", error=True)
         return 1
 
 
-def _list_clients(client: AdminClient, as_json: bool) -> int:
+def _list_clients(client: AdminClient, as_json: bool, filters: dict[str, str]) -> int:
     clients: list[dict[str, Any]] = []
     page = 1
     while True:
-        status, data = client.request("GET", f"/api/v1/clients?{urlencode({'page': page, 'limit': PAGE})}")
+        query = urlencode({**filters, "page": page, "limit": PAGE})
+        status, data = client.request("GET", f"/api/v1/clients?{query}")
+        if status == 400 and isinstance(data, dict):
+            raise AdminError(str(data.get("message", data)))
         if status >= 400:
             raise AdminError(f"the admin API answered {status}: {data}")
         clients += data["data"]
@@ -357,14 +388,14 @@ def _list_clients(client: AdminClient, as_json: bool) -> int:
         _print_json(clients)
     else:
         for entry in clients:
-            print(client_line(entry))
+            say(client_line(entry))
     return 0
 
 
 def ban_line(ban: dict[str, Any]) -> str:
     """The one-line form of a ban (``ctl banned list``)."""
     until = ban["until"] or "forever"
-    reason = f" reason={ban['reason']!r}" if ban["reason"] else ""
+    reason = f", reason={ban['reason']!r}" if ban["reason"] else ""
     return f"Banned({ban['as']}={ban['who']}, by={ban['by']}, at={ban['at']}, until={until}{reason})"
 
 
@@ -377,7 +408,7 @@ def _banned(client: AdminClient, args: argparse.Namespace) -> int:
             _print_json(data["data"])
         else:
             for ban in data["data"]:
-                print(ban_line(ban))
+                say(ban_line(ban))
         return 0
     if args.action == "add":
         body: dict[str, Any] = {"as": args.kind, "who": args.value, "reason": args.reason}
@@ -386,23 +417,23 @@ def _banned(client: AdminClient, args: argparse.Namespace) -> int:
         status, data = client.request("POST", "/api/v1/banned", body)
         if status >= 400:
             message = data.get("message", data) if isinstance(data, dict) else data
-            print(f"realip-broker ctl: {message}", file=sys.stderr)
+            say(f"realip-broker ctl: {message}", error=True)
             return 1
         if args.json:
             _print_json(data)
         else:
-            print(ban_line(data["ban"]))
+            say(ban_line(data["ban"]))
             for client_id in data["kicked"]:
-                print(f"kicked {client_id}")
+                say(f"kicked {client_id}")
         return 0
     path = f"/api/v1/banned/{quote(args.kind, safe='')}/{quote(args.value, safe='')}"
     status, data = client.request("DELETE", path)
     if status == 404:
-        print(f"no {args.kind} ban on {args.value}", file=sys.stderr)
+        say(f"no {args.kind} ban on {args.value}", error=True)
         return 1
     if status >= 400:
         message = data.get("message", data) if isinstance(data, dict) else data
-        print(f"realip-broker ctl: {message}", file=sys.stderr)
+        say(f"realip-broker ctl: {message}", error=True)
         return 1
     print(json.dumps({"as": args.kind, "who": args.value, "deleted": True}) if args.json else "ok")
     return 0

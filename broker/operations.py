@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from broker.access import Refusal
-from broker.audit import AuditLog, address_fields
+from broker.audit import AuditLog, address_fields, iso8601
 from broker.auth.builtin import User, UserError, UserStore
 from broker.auth.scram import DEFAULT_ITERATIONS
 from broker.bans import Ban, BanStore, parse_until
@@ -95,7 +95,7 @@ class AuditTrail:
             **{"as": ban.kind, "who": ban.value},
             reason=ban.reason,
             by=ban.by,
-            until=ban.until,
+            until=_iso(ban.until),
             failures=failures,
         )
 
@@ -201,7 +201,7 @@ class Operations:
             Ban(kind, value, reason, by, now, None if until is None else parse_until(until, now))
         )
         self.audit.log.write(
-            "ban_added", **{"as": ban.kind, "who": ban.value}, reason=reason, by=by, until=ban.until
+            "ban_added", **{"as": ban.kind, "who": ban.value}, reason=reason, by=by, until=_iso(ban.until)
         )
         kicked = []
         for view in self.engine.sessions():
@@ -224,3 +224,8 @@ class Operations:
         if ban is not None:
             self.audit.log.write("ban_deleted", **{"as": ban.kind, "who": ban.value}, by=by)
         return ban
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """An audit record's time: ISO 8601 like its ``ts`` (None stays None: no expiry)."""
+    return None if timestamp is None else iso8601(timestamp)

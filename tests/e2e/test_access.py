@@ -83,7 +83,7 @@ def test_deny_ban_restart_unban_with_audit(tmp_path: Path, peers: Any, clients: 
         clients.new("target-again").connect("127.0.0.1", lb, bind_address="127.0.0.41", expect_rc=5)
         listed = ctl(broker, "banned", "list")
         assert listed.stdout.startswith("Banned(peerhost=127.0.0.41, by=admin, at=")
-        assert "until=forever reason='abuse'" in listed.stdout
+        assert "until=forever, reason='abuse'" in listed.stdout
     finally:
         assert broker.stop() == 0
 

@@ -96,6 +96,11 @@ def test_clients_filters_and_paging(broker: BrokerProcess, clients: Clients) -> 
     page = json.loads(body)
     assert (len(page["data"]), page["meta"]) == (2, {"page": 2, "limit": 2, "count": 4, "hasnext": False})
     assert get(broker, "/api/v1/clients?ip=10.0.0.300")[0] == 400
+    # The same filters from ctl.
+    listed = ctl(broker, "clients", "list", "--ip", "127.0.0.72/31", "--listener", "tcp:default")
+    assert [line.split(",")[0] for line in listed.stdout.splitlines()] == ["Client(f-1", "Client(f-2"]
+    bad = ctl(broker, "clients", "list", "--ip", "10.0.0.300")
+    assert bad.returncode == 1 and "is not" in bad.stderr and "Traceback" not in bad.stderr
     assert get(broker, "/api/v1/clients?limit=0")[0] == 400
     assert get(broker, "/api/v1/clients/nobody")[:2] == (
         404,
@@ -158,6 +163,9 @@ def test_tcp_admin_requires_the_token(start_broker: BrokerFactory, clients: Clie
     assert status({}) == 401
     assert status({"Authorization": "Bearer wrong"}) == 401
     assert status({"Authorization": f"Bearer {TOKEN}"}) == 200
+    assert status({"Authorization": f"bearer {TOKEN}"}) == 200  # RFC 7235: the scheme is case-insensitive
+    assert status({"Authorization": f"Basic {TOKEN}"}) == 401
+    assert status({"Authorization": f"Bearer {TOKEN.upper()}"}) == 401  # the token is not
     admin = f"127.0.0.1:{admin_port}"
     wrong = ctl(broker, "--admin", admin, "--token", "nope", "clients", "list")
     assert wrong.returncode == 1
@@ -182,3 +190,27 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_not(start_broker: BrokerFa
         clash.wait_for_log(r"admin\.listen: another broker is serving data/admin\.sock")
     finally:
         again.stop()
+
+
+def test_ctl_escapes_what_clients_chose(broker: BrokerProcess) -> None:
+    """A client id with a newline and ANSI escapes cannot forge a line of ``ctl`` output nor
+    reach the operator's terminal; ``--json`` keeps the exact value."""
+    from tests.mqtt_raw import connect, read_packet
+
+    forged = "evil\nClient(fake, username=root, peername=1.2.3.4:1)\x1b[2J\u202e"
+    sock = socket.create_connection(("127.0.0.1", broker.port("tcp:default")), timeout=WAIT)
+    try:
+        sock.sendall(connect(forged))
+        assert read_packet(sock) == (0x20, b"\x00\x00")
+        listed = ctl(broker, "clients", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count("\n") == 1 and "\x1b" not in listed.stdout
+        assert (
+            "Client(evil\\nClient(fake, username=root, peername=1.2.3.4:1)\\x1b[2J\\u202e," in listed.stdout
+        )
+        as_json = json.loads(ctl(broker, "clients", "list", "--json").stdout)
+        assert [client["clientid"] for client in as_json] == [forged]
+        kicked = ctl(broker, "clients", "kick", forged)
+        assert kicked.returncode == 0 and kicked.stdout == "ok\n"
+    finally:
+        sock.close()
