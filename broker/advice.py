@@ -6,12 +6,16 @@ Printed by ``realip-broker check-config`` and logged at start-up. Pure code over
 
 from __future__ import annotations
 
-from broker.settings import Settings
+from broker.settings import ProxyProtocolMode, Settings
+
+#: An admin token with fewer distinct characters than this is guessable however long it is
+#: (``aaaaaaaaaaaaaaaa`` passes the length check).
+MIN_TOKEN_DISTINCT_CHARACTERS = 8
 
 
 def config_warnings(settings: Settings) -> list[str]:
     """Every warning for ``settings``, each a sentence naming the settings concerned. Never raises."""
-    warnings = []
+    warnings = _listener_warnings(settings) + _admin_warnings(settings)
     authenticators = settings.authenticators()
     if not authenticators:
         warnings.append(
@@ -46,5 +50,42 @@ def config_warnings(settings: Settings) -> list[str]:
     if not settings.authentication_policy.failure_ban.enable and authenticators:
         warnings.append(
             "authentication_policy.failure_ban.enable: false: nothing slows down password guessing"
+        )
+    return warnings
+
+
+def _listener_warnings(settings: Settings) -> list[str]:
+    warnings = []
+    if not settings.enabled_listeners():
+        warnings.append("listeners: no listener is enabled: no client can connect")
+    for listener in settings.enabled_listeners():
+        path = f"listeners.{listener.type}.{listener.name}"
+        if listener.proxy_protocol is ProxyProtocolMode.ON and not listener.trusted_proxies:
+            warnings.append(
+                f"{path}: proxy_protocol: true with no trusted_proxies: any peer that reaches this port "
+                "may name any client address (list the load balancers in trusted_proxies)"
+            )
+        websocket = listener.websocket
+        if websocket is not None and websocket.proxy_address_header and not listener.trusted_proxies:
+            warnings.append(
+                f"{path}.websocket.proxy_address_header: {websocket.proxy_address_header} is read from "
+                "anyone, its leftmost address taken as the client's: safe only if the outermost load "
+                "balancer overwrites the header (list the balancers in trusted_proxies to walk it)"
+            )
+    return warnings
+
+
+def _admin_warnings(settings: Settings) -> list[str]:
+    warnings = []
+    admin = settings.admin
+    if admin.listen.is_tcp and admin.listen.host in ("0.0.0.0", "::"):
+        warnings.append(
+            f"admin.listen: {admin.listen}: the admin API (plain HTTP, it can kick clients and ban "
+            "networks) listens on every interface; bind it to 127.0.0.1 or a management network"
+        )
+    if admin.listen.is_tcp and len(set(admin.token)) < MIN_TOKEN_DISTINCT_CHARACTERS:
+        warnings.append(
+            f"admin.token: fewer than {MIN_TOKEN_DISTINCT_CHARACTERS} distinct characters: a guessable "
+            "token (use e.g. `openssl rand -hex 32`)"
         )
     return warnings

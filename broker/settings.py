@@ -6,8 +6,9 @@ Every problem in a file is collected with its dotted path and reported at once, 
 
 The defaults below are the embedded default configuration; ``config/broker.yaml`` documents them
 line by line and a test checks that the two agree. A file given with ``--config`` is merged over the
-defaults: a section or listener that the file does not name keeps its default; ``enable: false``
-turns a listener off.
+defaults: a section or key that the file does not name keeps its default, except ``listeners``: a
+file with a ``listeners`` section gets exactly the listeners it names (no merged second port);
+``enable: false`` turns a listener off.
 """
 
 from __future__ import annotations
@@ -1060,6 +1061,11 @@ def _build(
 
 
 def _build_listeners(raw: Any, problems: list[ConfigProblem]) -> tuple[ListenerSettings, ...]:
+    """The listeners: the defaults (tcp:default, ws:default) when the file has no ``listeners``
+    section; exactly those the section names when it has one (so a file configuring a protected
+    listener never also opens an unprotected default one next to it). A listener named
+    ``default`` keeps its default bind when the file gives none."""
+    named_any = raw is not None
     by_type = _check_mapping(raw, "listeners", problems) or {}
     for type_name in by_type:
         if type_name not in LISTENER_TYPES:
@@ -1074,7 +1080,8 @@ def _build_listeners(raw: Any, problems: list[ConfigProblem]) -> tuple[ListenerS
         type_path = f"listeners.{type_name}"
         named = dict(_check_mapping(by_type.get(type_name), type_path, problems) or {})
         defaults = {name: bind for (kind, name), bind in DEFAULT_BINDS.items() if kind == type_name}
-        for name in [*defaults, *(n for n in named if n not in defaults)]:
+        started = [n for n in defaults if n in named or not named_any]
+        for name in [*started, *(n for n in named if n not in defaults)]:
             path = f"{type_path}.{name}"
             if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]+$", name):
                 problems.append(ConfigProblem(path, "a listener name is letters, digits, '_' and '-'"))

@@ -133,10 +133,11 @@ def test_topology_7_three_appending_tiers_innermost_real_ip_recursive(
     )
     middle = http_tier(peers, "nginx/ws-append-tier.conf", MIDDLE, inner)
     edge = http_tier(peers, "nginx/ws-append-edge.conf", EDGE, middle)
-    ws_client(clients, "ws-44", edge, "127.0.0.44", forge=True)  # forged XFF stays left, unbelieved
+    client = ws_client(clients, "ws-44", edge, "127.0.0.44", forge=True)  # forged XFF stays left, unbelieved
     info = client_info(broker, "ws-44")
-    assert (info["ip_address"], info["proxy_address"], info["address_source"]) == (
+    assert (info["ip_address"], info["port"], info["proxy_address"], info["address_source"]) == (
         "127.0.0.44",
+        local_port(client),  # X-Forwarded-Port from the edge, as the example config reads it
         INNER,
         "x_real_ip",
     )

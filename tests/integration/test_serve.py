@@ -261,7 +261,8 @@ def test_check_config_prints_the_effective_config(tmp_path: Any) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "bind: 127.0.0.1:1999" in result.stdout
-    assert "bind: 0.0.0.0:8083" in result.stdout  # the default ws listener is kept
+    assert "8083" not in result.stdout  # a listeners section replaces the default listeners
+    assert "warning: authentication: no authenticator is configured" in result.stderr
 
 
 def test_a_port_in_use_is_a_clear_error(start_broker: BrokerFactory, tmp_path: Any) -> None:

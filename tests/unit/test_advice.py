@@ -116,3 +116,64 @@ def test_a_well_configured_broker_has_no_warning() -> None:
         "authorization": {"rules": RULES, "no_match": "deny"},
     }
     assert warnings_for(document) == []
+
+
+LEFTMOST = "listeners.ws.edge.websocket.proxy_address_header: X-Forwarded-For is read from anyone"
+ANY_PEER = "listeners.tcp.pp: proxy_protocol: true with no trusted_proxies"
+WILDCARD_ADMIN = "admin.listen: 0.0.0.0:18083: the admin API"
+WEAK_TOKEN = "admin.token: fewer than 8 distinct characters"
+NO_LISTENER = "listeners: no listener is enabled"
+JWT_AUTH = [{"mechanism": "jwt", "secret": "s"}]
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"listeners": {"tcp": {"pp": {"bind": ":1884", "proxy_protocol": True}}}}, [ANY_PEER]),
+        (
+            {
+                "listeners": {
+                    "tcp": {"pp": {"bind": ":1884", "proxy_protocol": True, "trusted_proxies": ["10.0.0.2"]}}
+                }
+            },
+            [],
+        ),
+        (
+            {"listeners": {"tcp": {"pp": {"bind": ":1884", "proxy_protocol": True, "enable": False}}}},
+            [NO_LISTENER],
+        ),
+        (
+            {
+                "listeners": {
+                    "ws": {
+                        "edge": {"bind": ":8083", "websocket": {"proxy_address_header": "X-Forwarded-For"}}
+                    }
+                }
+            },
+            [LEFTMOST],
+        ),
+        (
+            {
+                "listeners": {
+                    "ws": {
+                        "edge": {
+                            "bind": ":8083",
+                            "trusted_proxies": ["10.0.0.2"],
+                            "websocket": {"proxy_address_header": "X-Forwarded-For"},
+                        }
+                    }
+                }
+            },
+            [],
+        ),
+        ({"admin": {"listen": "0.0.0.0:18083", "token": "0123456789abcdef"}}, [WILDCARD_ADMIN]),
+        ({"admin": {"listen": "127.0.0.1:18083", "token": "aaaaaaaaaaaaaaaa"}}, [WEAK_TOKEN]),
+        ({"admin": {"listen": "127.0.0.1:18083", "token": "0123456789abcdef"}}, []),
+        ({"admin": {"listen": "unix:data/admin.sock"}}, []),
+    ],
+)
+def test_listener_and_admin_warnings(document: dict[str, Any], expected: list[str]) -> None:
+    found = config_warnings(load_settings({**document, "authentication": JWT_AUTH}))
+    assert len(found) == len(expected), found
+    for warning, start in zip(found, expected, strict=True):
+        assert warning.startswith(start), warning

@@ -147,11 +147,11 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         ({"listeners": []}, "listeners: expected a mapping"),
         ([], "expected a mapping of keys, got []"),
         (
-            {"listeners": {"tcp": {"second": {"bind": "127.0.0.1:1883"}}}},
+            {"listeners": {"tcp": {"default": {}, "second": {"bind": "127.0.0.1:1883"}}}},
             "listeners.tcp.second.bind: 127.0.0.1:1883 is already used by listeners.tcp.default",
         ),
         (
-            {"listeners": {"ws": {"default": {"bind": "0.0.0.0:1883"}}}},
+            {"listeners": {"tcp": {"default": {}}, "ws": {"default": {"bind": "0.0.0.0:1883"}}}},
             "listeners.ws.default.bind: 0.0.0.0:1883 is already used by listeners.tcp.default",
         ),
         (
@@ -179,21 +179,34 @@ def test_binds_may_share_a_port_on_distinct_addresses_or_families() -> None:
         }
     )
     assert [listener.id for listener in settings.listeners] == [
-        "tcp:default", "tcp:second", "tcp:v6", "tcp:any", "tcp:other", "ws:default",
+        "tcp:default", "tcp:second", "tcp:v6", "tcp:any", "tcp:other",
     ]  # fmt: skip
 
 
-def test_a_file_is_merged_over_the_defaults() -> None:
+def test_a_file_is_merged_over_the_defaults_but_its_listeners_replace_them() -> None:
     settings = load_settings({"listeners": {"tcp": {"default": {"bind": "127.0.0.1:1999"}}}})
-    tcp, ws = settings.listeners
+    (tcp,) = settings.listeners  # no ws:default on 0.0.0.0:8083 beside it
     assert (tcp.bind, tcp.proxy_protocol, tcp.enable) == (
         Bind("127.0.0.1", 1999),
         ProxyProtocolMode.OFF,
         True,
     )
-    assert ws.bind == Bind("0.0.0.0", 8083)
-    disabled = load_settings({"listeners": {"ws": {"default": {"enable": False}}}})
+    assert [listener.id for listener in load_settings({"mqtt": {}}).listeners] == [
+        "tcp:default",
+        "ws:default",
+    ]
+    named = load_settings(
+        {"listeners": {"tcp": {"default": {"proxy_protocol": True}}, "ws": {"x": {"bind": ":9"}}}}
+    )
+    assert [(listener.id, str(listener.bind)) for listener in named.listeners] == [
+        ("tcp:default", "0.0.0.0:1883"),  # a listener named default keeps its default bind
+        ("ws:x", ":9"),
+    ]
+    assert load_settings({"listeners": {}}).listeners == ()
+    disabled = load_settings({"listeners": {"tcp": {"default": {}}, "ws": {"default": {"enable": False}}}})
     assert [listener.id for listener in disabled.enabled_listeners()] == ["tcp:default"]
+    # Everything else still merges: a section keeps the keys the file does not name.
+    assert load_settings({"mqtt": {"max_inflight": 8}}).mqtt.max_mqueue_len == 1000
 
 
 def test_embedded_default_equals_config_broker_yaml() -> None:
@@ -737,7 +750,12 @@ def test_rate_str_round_trips(rate: Rate, text: str) -> None:
 
 def test_per_address_limits_of_a_listener() -> None:
     settings = load_settings(
-        {"listeners": {"tcp": {"default": {"max_connections_per_ip": 3, "max_conn_rate_per_ip": "5/10s"}}}}
+        {
+            "listeners": {
+                "tcp": {"default": {"max_connections_per_ip": 3, "max_conn_rate_per_ip": "5/10s"}},
+                "ws": {"default": {}},
+            }
+        }
     )
     tcp, ws = settings.listeners
     assert (tcp.max_connections_per_ip, tcp.max_conn_rate_per_ip) == (3, Rate(5, 10.0))
