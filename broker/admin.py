@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker import logs
 from broker.audit import iso8601
 from broker.auth.builtin import UserError
 from broker.bans import BanError
@@ -174,6 +175,8 @@ class AdminServer:
                 web.get("/api/v1/authentication/users/{user_id}", self._user),
                 web.put("/api/v1/authentication/users/{user_id}", self._update_user),
                 web.delete("/api/v1/authentication/users/{user_id}", self._delete_user),
+                web.get("/api/v1/log/level", self._log_level),
+                web.put("/api/v1/log/level", self._set_log_level),
                 web.get("/metrics", self._metrics),
             ]
         )
@@ -389,6 +392,19 @@ class AdminServer:
         except UserError as exc:
             return _error(500, "INTERNAL_ERROR", str(exc))
         return web.Response(status=204)
+
+    async def _log_level(self, request: web.Request) -> web.Response:
+        return web.json_response({"level": logs.current_level()})
+
+    async def _set_log_level(self, request: web.Request) -> web.Response:
+        body = await _json_object(request, required={"level"}, optional=set())
+        level = body["level"]
+        try:
+            logs.set_level(level if isinstance(level, str) else repr(level))
+        except ValueError as exc:
+            return _error(400, "BAD_REQUEST", f"level: {exc}")
+        logger.warning("log level set to %s through the admin API", level)
+        return web.json_response({"level": logs.current_level()})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=render(self._collector), headers={"Content-Type": CONTENT_TYPE_LATEST})

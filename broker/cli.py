@@ -14,18 +14,15 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
-from broker import __version__
+from broker import __version__, logs
 from broker import ctl as ctl_module
 from broker.advice import config_warnings
 from broker.errors import ConfigError, RealIPError
-from broker.settings import Settings, default_settings, dump_settings, load_settings_file
+from broker.settings import LOG_LEVELS, Settings, default_settings, dump_settings, load_settings_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the broker in the foreground")
     serve.add_argument("--config", metavar="FILE", help="YAML settings (default: the embedded defaults)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: the config's log.level (info)")
     serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
@@ -55,13 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE")
     return parser
-
-
-def configure_logging(level_name: str) -> None:
-    """Log to stderr; websockets' own chatter only at debug level."""
-    level = getattr(logging, level_name.upper())
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
-    logging.getLogger("websockets").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -97,12 +87,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the broker until SIGTERM/SIGINT."""
-    configure_logging(args.log_level)
     try:
         settings = _load(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    try:
+        logs.configure(args.log_level or settings.log.level, settings.log.format, settings.log.file)
+    except OSError as exc:
+        print(f"log.file: cannot open {settings.log.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
     from broker.app import BrokerApp  # the whole engine: only when serving
 
     loop_factory = event_loop_factory(args.loop)

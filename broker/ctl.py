@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from broker.errors import AdminError, ConfigError
-from broker.settings import AdminAddress, default_settings, load_settings_file, parse_admin_listen
+from broker.settings import LOG_LEVELS, AdminAddress, default_settings, load_settings_file, parse_admin_listen
 
 #: Seconds to wait for the broker's answer; the admin API answers from memory.
 TIMEOUT = 10.0
@@ -235,6 +235,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ban_delete.add_argument("value", metavar="VALUE")
     ban_delete.add_argument("--json", action="store_true")
 
+    log = topics.add_parser("log", help="the broker's log level, while it runs")
+    log_actions = log.add_subparsers(dest="action", metavar="ACTION", required=True)
+    log_actions.add_parser("level", help="the level in force")
+    set_level = log_actions.add_parser("set-level", help="change it (until the broker restarts)")
+    set_level.add_argument("level", choices=LOG_LEVELS)
+
     users = topics.add_parser("users", help="users of the built-in database (authentication)")
     user_actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
     user_list = user_actions.add_parser("list", help="every user (never a password or hash)")
@@ -344,6 +350,14 @@ def run(args: argparse.Namespace) -> int:
             return _banned(client, args)
         if args.topic == "users":
             return _users(client, args)
+        if args.topic == "log":
+            if args.action == "set-level":
+                status, data = client.request("PUT", "/api/v1/log/level", {"level": args.level})
+            else:
+                status, data = client.request("GET", "/api/v1/log/level")
+            _check(status, data)
+            say(data["level"])
+            return 0
         if args.action == "list":
             filters = {name: getattr(args, name) for name in ("ip", "listener", "username")}
             return _list_clients(client, args.json, {k: v for k, v in filters.items() if v is not None})

@@ -954,6 +954,21 @@ class AuthenticationPolicy:
     )
 
 
+#: Log levels, as ``log.level``, ``serve --log-level`` and ``ctl log set-level`` name them.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """``log``: the broker's own log (the audit log is ``audit``)."""
+
+    level: str = setting("info", parse_choice(*LOG_LEVELS))
+    #: ``text`` (one line per record) or ``json`` (one object per line: ts, level, logger, msg).
+    format: str = setting("text", parse_choice("text", "json"))
+    #: A file to log to instead of stderr ("" = stderr); reopened when logrotate moves it.
+    file: str = setting("", parse_optional_text)
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """``audit``: the audit log, one JSON object per line."""
@@ -974,6 +989,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     authorization: AuthorizationSettings = field(default_factory=AuthorizationSettings)
     authentication: tuple[AuthenticatorSettings, ...] = ()
+    log: LogSettings = field(default_factory=LogSettings)
     authentication_policy: AuthenticationPolicy = field(default_factory=AuthenticationPolicy)
 
     @property
@@ -1194,6 +1210,7 @@ _SECTIONS = (
     "authentication",
     "authentication_policy",
     "authorization",
+    "log",
 )
 
 
@@ -1216,6 +1233,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     audit = _build(AuditSettings, document.get("audit"), "audit", problems)
     authorization = _build(AuthorizationSettings, document.get("authorization"), "authorization", problems)
     authentication = _parse_authentication_into(document.get("authentication"), "authentication", problems)
+    log = _build(LogSettings, document.get("log"), "log", problems)
     policy_raw = document.get("authentication_policy")
     policy = _build(AuthenticationPolicy, policy_raw, "authentication_policy", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
@@ -1237,6 +1255,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         authorization=authorization,
         authentication=authentication,
         authentication_policy=policy,
+        log=log,
     )
 
 
@@ -1309,6 +1328,7 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "authentication": [_dump_authenticator(entry) for entry in settings.authentication],
         "authentication_policy": _dump_dataclass(settings.authentication_policy),
         "authorization": _dump_dataclass(settings.authorization),
+        "log": _dump_dataclass(settings.log),
     }
 
 

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.mqtt_raw import connect, publish, recv_exactly, subscribe
-from tests.support import REPO, WAIT, BrokerProcess, Clients, broker_config, listener_config, require_binary
+from tests.support import (
+    REPO,
+    WAIT,
+    BrokerProcess,
+    Clients,
+    broker_config,
+    ctl,
+    listener_config,
+    require_binary,
+    wait_until,
+)
 
 BrokerFactory = Callable[..., BrokerProcess]
 
@@ -276,3 +289,49 @@ def test_a_port_in_use_is_a_clear_error(start_broker: BrokerFactory, tmp_path: A
         assert broker.proc.wait(WAIT) == 1
         broker.wait_for_log(rf"listeners\.tcp\.default\.bind: cannot listen on 127\.0\.0\.1:{port}: ")
         assert "Traceback" not in broker.output()
+
+
+def test_json_log_to_a_file_and_the_level_changed_while_running(tmp_path: Any) -> None:
+    """``log: {format: json, file}``: one JSON object per line in the file (nothing on stderr);
+    ``ctl log set-level debug`` turns on debug lines without a restart."""
+    config = broker_config(tcp={"default": listener_config()}, log={"format": "json", "file": "broker.log"})
+    (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--config", "broker.yaml"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log = tmp_path / "broker.log"
+
+    def records() -> list[dict[str, Any]]:
+        text = log.read_text() if log.exists() else ""
+        return [json.loads(line) for line in text.splitlines()]
+
+    try:
+        ready = wait_until(
+            lambda: next((r for r in records() if r["msg"].startswith("realip-broker ready: ")), None),
+            what="the ready line in broker.log",
+        )
+        assert set(ready) == {"ts", "level", "logger", "msg"} and ready["level"] == "info"
+        port = int(ready["msg"].rpartition(":")[2])
+        fake = BrokerProcess.__new__(BrokerProcess)  # ctl only needs the working directory
+        fake.workdir = tmp_path
+        assert ctl(fake, "log", "level").stdout == "info\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT):
+            pass
+        assert not any(r["level"] == "debug" for r in records())
+        assert ctl(fake, "log", "set-level", "debug").stdout == "debug\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT):
+            pass
+        wait_until(lambda: any(r["level"] == "debug" for r in records()), what="a debug line after set-level")
+        bad = ctl(fake, "log", "set-level", "verbose")
+        assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0
+    assert stderr == ""  # everything went to the file
+    assert records()[-1]["msg"] == "realip-broker stopped"
