@@ -7,9 +7,12 @@ import contextlib
 import functools
 import logging
 import signal
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from broker import __version__
 from broker.access import Gatekeeper
 from broker.admin import AdminServer
 from broker.advice import config_warnings
@@ -24,7 +27,7 @@ from broker.auth.scram import METHODS as SCRAM_METHODS
 from broker.auth.scram import ScramCredentials, ScramExchange
 from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
-from broker.engine import Engine
+from broker.engine import Engine, EngineHooks
 from broker.errors import RealIPError
 from broker.operations import AuditTrail, Operations
 from broker.settings import (
@@ -36,6 +39,7 @@ from broker.settings import (
     PasswordFileSettings,
     Settings,
 )
+from broker.sys_topics import Hooks, SysTopics
 from listeners.address import format_hostport
 from listeners.tcp import SslListener, TcpListener
 from listeners.websocket import WebSocketListener
@@ -127,11 +131,14 @@ class BrokerApp:
         self.auth = make_auth_chain(settings, self.users, self.password_checks)
         authorization = settings.authorization
         self.sources = [HttpAuthorizationSource(source) for source in authorization.sources if source.enable]
+        sys_settings = settings.sys_topics
+        # With $SYS off the engine calls the audit trail directly (no fan-out on its path).
+        hooks: EngineHooks = Hooks(self.audit) if sys_settings.enable else self.audit
         self.engine = Engine(
             settings.mqtt,
             listeners=settings.listeners,
             gatekeeper=self.gatekeeper,
-            hooks=self.audit,
+            hooks=hooks,
             authorizer=Authorizer(
                 authorization.rules,
                 authorization.no_match,
@@ -143,6 +150,18 @@ class BrokerApp:
             auth=self.auth,
             sources=self.sources,
         )
+        self.sys_topics: SysTopics | None = None
+        if sys_settings.enable:
+            self.sys_topics = SysTopics(
+                self.engine.publish,
+                self.engine,
+                node=settings.node.name or f"realip@{socket.gethostname()}",
+                interval=sys_settings.sys_msg_interval,
+                started=time.monotonic(),
+                version=__version__,
+            )
+            if sys_settings.client_events and isinstance(hooks, Hooks):
+                hooks.add(self.sys_topics)  # after the audit trail: its record is written first
         self.operations = Operations(self.engine, self.bans, self.audit, self.users, settings)
         self.listeners: list[Listener] = [
             make_listener(listener, self.engine, self.audit, self.gatekeeper)
@@ -196,6 +215,8 @@ class BrokerApp:
         for warning in config_warnings(self.settings):
             logger.warning("%s", warning)
         await self.engine.start()
+        if self.sys_topics is not None:  # the retained figures exist before the first client
+            self.sys_topics.start(self.engine.loop)
         self._purger = asyncio.create_task(self._purge_bans())
         for listener in self.listeners:
             try:
@@ -287,6 +308,8 @@ class BrokerApp:
         if self._purger is not None:
             self._purger.cancel()
             self._purger = None
+        if self.sys_topics is not None:
+            self.sys_topics.stop()
         for listener in self.listeners:
             listener.stop_accepting()
         if self.admin is not None:

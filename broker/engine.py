@@ -1044,6 +1044,9 @@ class Engine:
                 refused, code = ("max_topic_levels", "max_topic_levels"), reasons.TOPIC_FILTER_INVALID
             elif rules is not None and not rules.allows("subscribe", real_filter, is_filter=True):
                 refused, code = ("authorization", "authorization rules"), reasons.NOT_AUTHORIZED
+            elif real_filter.startswith("$SYS") and not self._may_read_sys(channel, rules, real_filter):
+                # $SYS carries every client's address: readable only where a rule allows it.
+                refused, code = ("authorization", "no rule allows $SYS"), reasons.NOT_AUTHORIZED
             elif limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
                 why = f"mqtt.max_subscriptions {limit}"
                 refused, code = ("mqtt.max_subscriptions", why), reasons.QUOTA_EXCEEDED
@@ -1075,6 +1078,14 @@ class Engine:
             channel.retained.append((self._retained.match(topic_filter), qos, sub_id))
         if granted:
             self.pump_retained(channel)
+
+    @staticmethod
+    def _may_read_sys(channel: Channel, rules: ClientRules | None, topic_filter: str) -> bool:
+        """A superuser, or a client whose rules (or sources) allow this ``$SYS`` filter explicitly:
+        ``no_match: allow`` does not open ``$SYS``."""
+        if channel.is_superuser:
+            return True
+        return rules is not None and rules.decide("subscribe", topic_filter, is_filter=True) is True
 
     def unsubscribe(self, channel: Channel, packet: mp.Unsubscribe) -> None:
         """Remove filters (UNSUBACK; MQTT 5 codes say which existed)."""

@@ -376,11 +376,52 @@ class ListenerSettings:
         return f"{self.type}:{self.name}"
 
 
+def parse_node_name(value: Any) -> str:
+    """``node.name``: one ``$SYS`` topic level (no ``/``, ``+``, ``#``, NUL; at most 1024 bytes), or
+    ``""`` for ``realip@<hostname>``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value == "":
+        return ""
+    text = parse_text(value)
+    if any(c in text for c in "/+#\0") or len(text.encode()) > 1024:
+        raise ValueError(f"{text!r} is not one $SYS topic level (no '/', '+', '#'; at most 1024 bytes)")
+    return text
+
+
 @dataclass(frozen=True)
 class NodeSettings:
-    """``node``: where the broker keeps its files."""
+    """``node``: where the broker keeps its files, and its name."""
 
     data_dir: str = setting("data", parse_text)
+    #: The node's name in ``$SYS/brokers/<name>/`` (EMQX's ``node.name``); "" = realip@<hostname>.
+    name: str = setting("", parse_node_name)
+
+
+def parse_interval(value: Any) -> float:
+    """A duration of at least one second (``sys_topics.sys_msg_interval``).
+
+    Raises:
+        ValueError: not a duration, or shorter than 1s.
+    """
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError(f"{value!r} is shorter than 1s")
+    return seconds
+
+
+@dataclass(frozen=True)
+class SysTopicsSettings:
+    """``sys_topics``: ``$SYS`` figures and client events (EMQX's section name and keys)."""
+
+    #: Off by default: client events carry every client's real address and username.
+    enable: bool = setting(False, parse_bool)
+    #: How often the figures are published (mosquitto's ``sys_interval`` is 10s too).
+    sys_msg_interval: float = setting(10.0, parse_interval, format_duration)
+    #: ``$SYS/brokers/<node>/clients/<clientid>/connected|disconnected``.
+    client_events: bool = setting(True, parse_bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -991,6 +1032,7 @@ class Settings:
     authentication: tuple[AuthenticatorSettings, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
     authentication_policy: AuthenticationPolicy = field(default_factory=AuthenticationPolicy)
+    sys_topics: SysTopicsSettings = field(default_factory=SysTopicsSettings)
 
     @property
     def allow_anonymous(self) -> bool:
@@ -1211,6 +1253,7 @@ _SECTIONS = (
     "authentication_policy",
     "authorization",
     "log",
+    "sys_topics",
 )
 
 
@@ -1234,6 +1277,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     authorization = _build(AuthorizationSettings, document.get("authorization"), "authorization", problems)
     authentication = _parse_authentication_into(document.get("authentication"), "authentication", problems)
     log = _build(LogSettings, document.get("log"), "log", problems)
+    sys_topics = _build(SysTopicsSettings, document.get("sys_topics"), "sys_topics", problems)
     policy_raw = document.get("authentication_policy")
     policy = _build(AuthenticationPolicy, policy_raw, "authentication_policy", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
@@ -1256,6 +1300,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         authentication=authentication,
         authentication_policy=policy,
         log=log,
+        sys_topics=sys_topics,
     )
 
 
@@ -1329,6 +1374,7 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "authentication_policy": _dump_dataclass(settings.authentication_policy),
         "authorization": _dump_dataclass(settings.authorization),
         "log": _dump_dataclass(settings.log),
+        "sys_topics": _dump_dataclass(settings.sys_topics),
     }
 
 
