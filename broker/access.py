@@ -44,16 +44,16 @@ class Refusal:
 class _RateLimiter:
     """A token bucket per address: ``rate.count`` CONNECTs per ``rate.period``, refilled evenly."""
 
-    __slots__ = ("_buckets", "_rate")
+    __slots__ = ("_buckets", "rate")
 
     def __init__(self, rate: Rate) -> None:
-        self._rate = rate
+        self.rate = rate
         #: ip -> (tokens left, when last counted)
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, ip: str, now: float) -> bool:
         """Count one CONNECT from ``ip``; False when it is over the rate."""
-        rate = self._rate
+        rate = self.rate
         tokens, last = self._buckets.pop(ip, (float(rate.count), now))
         tokens = min(float(rate.count), tokens + (now - last) * rate.count / rate.period)
         allowed = tokens >= 1.0
@@ -68,17 +68,17 @@ class _RateLimiter:
 class _FailureCounter:
     """Failed authentications per address within a window (EMQX's flapping detection, by address)."""
 
-    __slots__ = ("_failures", "_settings")
+    __slots__ = ("_failures", "settings")
 
     def __init__(self, settings: FailureBanSettings) -> None:
-        self._settings = settings
+        self.settings = settings
         #: ip -> (failures, when the window started)
         self._failures: dict[str, tuple[int, float]] = {}
 
     def record(self, ip: str, now: float) -> int:
         """Count one failure; returns the failures of ``ip`` in its current window."""
         count, start = self._failures.pop(ip, (0, now))
-        if now - start > self._settings.window_time:
+        if now - start > self.settings.window_time:
             count, start = 0, now
         count += 1
         self._failures[ip] = (count, start)
@@ -109,29 +109,45 @@ class Gatekeeper:
     ) -> None:
         """``on_ban(ban, failures)`` is told of each address banned for failed authentications."""
         self.bans = bans
-        self._access: dict[str, AccessSettings] = {
-            listener.id: settings.access_for(listener) for listener in settings.listeners
-        }
+        self._access: dict[str, AccessSettings] = {}
         self._global = settings.access
-        self._listeners: dict[str, ListenerSettings] = {
-            listener.id: listener for listener in settings.listeners
-        }
-        self._rates = {
-            listener.id: _RateLimiter(listener.max_conn_rate_per_ip)
-            for listener in settings.listeners
-            if listener.max_conn_rate_per_ip is not None
-        }
+        self._listeners: dict[str, ListenerSettings] = {}
+        self._rates: dict[str, _RateLimiter] = {}
         #: (listener id, ip) -> connected clients, on listeners with max_connections_per_ip only
         self._connections: dict[tuple[str, str], int] = {}
-        self._counted = {
-            listener.id for listener in settings.listeners if listener.max_connections_per_ip != UNLIMITED
-        }
+        self._counted: set[str] = set()
         self._failure_ban = settings.authentication_policy.failure_ban
         self._failures = _FailureCounter(self._failure_ban)
         self._on_ban = on_ban
         self._clock = clock
         #: Addresses banned for failed authentications since start (``/metrics``).
         self.failure_bans = 0
+        self.update(settings)
+
+    def update(self, settings: Settings) -> None:
+        """Take the access lists, per-address limits and failure-ban policy of ``settings`` (at
+        start, and at a configuration reload). What was counted so far stays: rate buckets whose
+        rate did not change, connection counts, failures; a listener that gets
+        ``max_connections_per_ip`` by a reload counts the connections made from then on."""
+        self._access = {listener.id: settings.access_for(listener) for listener in settings.listeners}
+        self._global = settings.access
+        self._listeners = {listener.id: listener for listener in settings.listeners}
+        rates = {}
+        for listener in settings.listeners:
+            rate = listener.max_conn_rate_per_ip
+            if rate is None:
+                continue
+            kept = self._rates.get(listener.id)
+            rates[listener.id] = kept if kept is not None and kept.rate == rate else _RateLimiter(rate)
+        self._rates = rates
+        self._counted = {
+            listener.id for listener in settings.listeners if listener.max_connections_per_ip != UNLIMITED
+        }
+        self._connections = {
+            key: count for key, count in self._connections.items() if key[0] in self._counted
+        }
+        self._failure_ban = settings.authentication_policy.failure_ban
+        self._failures.settings = self._failure_ban
 
     def check_address(self, listener_id: str, ip: str) -> Refusal | None:
         """Access lists, then ``peerhost`` bans. Never raises."""
@@ -206,8 +222,8 @@ class Gatekeeper:
 
     def authentication_failed(self, ip: str) -> Ban | None:
         """Count a failed authentication from ``ip``; ban the address once it has failed
-        ``max_count`` times within ``window_time``. Returns the new ban. Never raises (a ban that
-        cannot be written is logged, and the address counted again)."""
+        ``max_count`` times within ``window_time``. Returns the new ban. Never raises. The ban applies
+        at once; the ban store writes its file in the background (and logs a write that fails)."""
         settings = self._failure_ban
         if not settings.enable:
             return None

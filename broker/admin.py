@@ -137,9 +137,17 @@ class AdminServer:
     """The admin API of one broker process."""
 
     def __init__(
-        self, settings: AdminSettings, engine: Engine, listeners: Sequence[Listener], operations: Operations
+        self,
+        settings: AdminSettings,
+        engine: Engine,
+        listeners: Sequence[Listener],
+        operations: Operations,
+        *,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
+        """``reload`` re-reads the configuration (``POST /api/v1/reload``)."""
         self.settings = settings
+        self._reload = reload
         self._engine = engine
         self._listeners = listeners
         self._operations = operations
@@ -175,6 +183,7 @@ class AdminServer:
                 web.get("/api/v1/authentication/users/{user_id}", self._user),
                 web.put("/api/v1/authentication/users/{user_id}", self._update_user),
                 web.delete("/api/v1/authentication/users/{user_id}", self._delete_user),
+                web.post("/api/v1/reload", self._reload_config),
                 web.get("/api/v1/log/level", self._log_level),
                 web.put("/api/v1/log/level", self._set_log_level),
                 web.get("/metrics", self._metrics),
@@ -392,6 +401,12 @@ class AdminServer:
         except UserError as exc:
             return _error(500, "INTERNAL_ERROR", str(exc))
         return web.Response(status=204)
+
+    async def _reload_config(self, request: web.Request) -> web.Response:
+        if self._reload is None:
+            return _error(501, "NOT_IMPLEMENTED", "this broker cannot reload its configuration")
+        result = await self._reload()
+        return web.json_response(result, status=400 if result["errors"] else 200)
 
     async def _log_level(self, request: web.Request) -> web.Response:
         return web.json_response({"level": logs.current_level()})

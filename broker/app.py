@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -11,8 +12,9 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from broker import __version__
+from broker import __version__, logs
 from broker.access import Gatekeeper
 from broker.admin import AdminServer
 from broker.advice import config_warnings
@@ -28,7 +30,7 @@ from broker.auth.scram import ScramCredentials, ScramExchange
 from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
 from broker.engine import Engine, EngineHooks
-from broker.errors import RealIPError
+from broker.errors import ConfigError, RealIPError
 from broker.operations import AuditTrail, Operations
 from broker.settings import (
     AmqttPluginSettings,
@@ -38,6 +40,8 @@ from broker.settings import (
     ListenerSettings,
     PasswordFileSettings,
     Settings,
+    dump_settings,
+    load_settings_file,
 )
 from broker.sys_topics import Hooks, SysTopics
 from listeners.address import format_hostport
@@ -91,6 +95,28 @@ def make_auth_chain(settings: Settings, users: UserStore, checks: PasswordChecks
     )
 
 
+def make_sources(settings: Settings) -> list[HttpAuthorizationSource]:
+    """The enabled ``authorization.sources``, not started."""
+    return [HttpAuthorizationSource(source) for source in settings.authorization.sources if source.enable]
+
+
+def make_authorizer(settings: Settings, sources: list[HttpAuthorizationSource]) -> Authorizer:
+    """``authorization``'s rules, asking ``sources`` what they do not decide."""
+    authorization = settings.authorization
+    return Authorizer(
+        authorization.rules,
+        authorization.no_match,
+        sources=bool(sources),
+        cache_size=authorization.cache.max_size,
+        cache_ttl=authorization.cache.ttl,
+        cache_enabled=authorization.cache.enable,
+    )
+
+
+#: Sections a reload applies at once; a change anywhere else is reported as needing a restart.
+LIVE_SECTIONS = ("access", "authentication", "authentication_policy", "authorization", "mqtt")
+
+
 def _scram_credentials(users: UserStore, algorithm: str, username: str) -> ScramCredentials | None:
     user = users.get(username)
     return None if user is None else user.scram.get(algorithm)
@@ -120,8 +146,10 @@ def make_listener(
 class BrokerApp:
     """Start, run and stop the whole broker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+        """``config_path``: the file ``settings`` came from, read again by :meth:`reload`."""
         self.settings = settings
+        self.config_path = config_path
         self.audit_log = AuditLog(settings.audit.file)
         self.audit = AuditTrail(self.audit_log)
         self.bans = BanStore(settings.node.data_dir)
@@ -129,8 +157,7 @@ class BrokerApp:
         self.password_checks = PasswordChecks()
         self.gatekeeper = Gatekeeper(settings, self.bans, on_ban=self.audit.failure_ban)
         self.auth = make_auth_chain(settings, self.users, self.password_checks)
-        authorization = settings.authorization
-        self.sources = [HttpAuthorizationSource(source) for source in authorization.sources if source.enable]
+        self.sources = make_sources(settings)
         sys_settings = settings.sys_topics
         # With $SYS off the engine calls the audit trail directly (no fan-out on its path).
         hooks: EngineHooks = Hooks(self.audit) if sys_settings.enable else self.audit
@@ -139,14 +166,7 @@ class BrokerApp:
             listeners=settings.listeners,
             gatekeeper=self.gatekeeper,
             hooks=hooks,
-            authorizer=Authorizer(
-                authorization.rules,
-                authorization.no_match,
-                sources=bool(self.sources),
-                cache_size=authorization.cache.max_size,
-                cache_ttl=authorization.cache.ttl,
-                cache_enabled=authorization.cache.enable,
-            ),
+            authorizer=make_authorizer(settings, self.sources),
             auth=self.auth,
             sources=self.sources,
         )
@@ -169,8 +189,12 @@ class BrokerApp:
         ]
         self.admin: AdminServer | None = None
         if settings.admin.listen.path is not None or settings.admin.listen.is_tcp:
-            self.admin = AdminServer(settings.admin, self.engine, self.listeners, self.operations)
+            self.admin = AdminServer(
+                settings.admin, self.engine, self.listeners, self.operations, reload=self.reload
+            )
         self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
         self._purger: asyncio.Task[None] | None = None
         self._auth_started = False
         self._sources_started: list[HttpAuthorizationSource] = []
@@ -268,8 +292,7 @@ class BrokerApp:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        # SIGHUP's default action kills the process without a word; until reload exists it is
-        # logged and ignored.
+        # SIGHUP reloads the configuration (its default action would kill the process).
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
@@ -280,7 +303,100 @@ class BrokerApp:
             await self.stop()
 
     def _on_sighup(self) -> None:
-        logger.warning("SIGHUP received: configuration reload is not supported yet; ignored")
+        logger.info("SIGHUP received: reloading %s", self.config_path or "(no config file)")
+        task = asyncio.get_running_loop().create_task(self.reload(by="SIGHUP"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self, *, by: str = "admin") -> dict[str, Any]:
+        """Read the config file again and apply what can change while running: access lists,
+        authorization (recompiled for every connected client), authentication, the per-address
+        limits and failure bans, ``mqtt`` limits (for what comes next), the log level. What else
+        changed is reported as needing a restart and left as it is. An invalid file, or an
+        authenticator that cannot start, changes nothing; every problem is logged with its path.
+        Audited as ``config_reloaded`` (or ``config_reload_failed``). Never raises."""
+        async with self._reload_lock:
+            result = await self._reload()
+        if result["errors"]:
+            for problem in result["errors"]:
+                logger.error("reload: %s", problem)
+            self.audit.log.write("config_reload_failed", by=by, errors=result["errors"])
+        else:
+            logger.info(
+                "configuration reloaded: changed %s; needs a restart: %s",
+                ", ".join(result["changed"]) or "nothing",
+                ", ".join(result["restart_needed"]) or "nothing",
+            )
+            self.audit.log.write(
+                "config_reloaded", by=by, changed=result["changed"], restart_needed=result["restart_needed"]
+            )
+        return result
+
+    async def _reload(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"changed": [], "restart_needed": [], "errors": []}
+        if self.config_path is None:
+            result["errors"] = ["the broker was started without --config: there is no file to read again"]
+            return result
+        try:
+            new = load_settings_file(self.config_path)
+        except ConfigError as exc:
+            result["errors"] = [f"{exc.source}: {problem}" for problem in exc.problems]
+            return result
+        old_dump, new_dump = dump_settings(self.settings), dump_settings(new)
+        changed = [key for key in new_dump if new_dump[key] != old_dump[key]]
+        listeners_changed = "listeners" in changed
+        if listeners_changed:  # the per-address limits of a listener apply live; the rest does not
+            stripped = [
+                {**entry, "max_connections_per_ip": None, "max_conn_rate_per_ip": None}
+                for entry in _listener_entries(new_dump)
+            ]
+            listeners_changed = stripped != [
+                {**entry, "max_connections_per_ip": None, "max_conn_rate_per_ip": None}
+                for entry in _listener_entries(old_dump)
+            ]
+        sources = make_sources(new)
+        auth = make_auth_chain(new, self.users, self.password_checks)
+        started: list[HttpAuthorizationSource] = []
+        try:
+            await auth.start()
+            for index, source in enumerate(sources):
+                try:
+                    await source.start()
+                except AuthError as exc:
+                    raise AuthError(f"authorization.sources[{index}]: {exc}") from None
+                started.append(source)
+        except AuthError as exc:
+            await auth.close()
+            for source in started:
+                await source.close()
+            result["errors"] = [f"{self.config_path}: {exc}"]
+            return result
+        old_auth, old_sources = self.auth, self._sources_started
+        self.gatekeeper.update(new)
+        self.engine.reconfigure(new.mqtt, make_authorizer(new, sources), auth, sources)
+        self.auth, self.sources, self._sources_started = auth, sources, started
+        if new.log.level != self.settings.log.level:
+            logs.set_level(new.log.level)
+        await old_auth.close()
+        for source in old_sources:
+            await source.close()
+        kept = {"listeners"} if listeners_changed else set()
+        kept |= {key for key in changed if key not in (*LIVE_SECTIONS, "listeners", "log")}
+        if new.log.format != self.settings.log.format or new.log.file != self.settings.log.file:
+            kept.add("log")
+        self.settings = dataclasses.replace(
+            new,
+            listeners=self.settings.listeners,
+            node=self.settings.node,
+            admin=self.settings.admin,
+            audit=self.settings.audit,
+            sys_topics=self.settings.sys_topics,
+        )
+        result["changed"] = [key for key in changed if key not in kept or key == "log"]
+        result["restart_needed"] = sorted(kept)
+        for warning in config_warnings(new):
+            logger.warning("%s", warning)
+        return result
 
     def _on_signal(self, signum: int) -> None:
         logger.info("%s received: stopping", signal.Signals(signum).name)
@@ -324,3 +440,11 @@ class BrokerApp:
         self.password_checks.close()
         self.audit_log.close()
         logger.info("realip-broker stopped")
+
+
+def _listener_entries(dumped: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"id": f"{kind}:{name}", **options}
+        for kind, named in dumped["listeners"].items()
+        for name, options in named.items()
+    ]

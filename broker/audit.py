@@ -3,7 +3,7 @@
 Events: ``connected``, ``disconnected`` (with ``reason``), ``refused`` (``reason``: access, banned,
 a per-address limit, a PROXY or forwarded-header error code...), ``auth_failed`` (the real address
 first: ``examples/fail2ban`` reads it), ``kicked``, ``ban_added``, ``ban_deleted``, ``user_added``,
-``user_updated``, ``user_deleted``. Every
+``user_updated``, ``user_deleted``, ``config_reloaded``, ``config_reload_failed``. Every
 record has ``ts`` (ISO 8601, UTC, milliseconds) and ``event``; client records add ``listener``,
 ``clientid`` and ``username`` where known, ``ip``/``port`` (the real client), ``proxy_ip``/
 ``proxy_port`` and ``address_source``.

@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("broker").info("event loop: %s", "uvloop" if loop_factory else "asyncio")
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(BrokerApp(settings).run())
+            runner.run(BrokerApp(settings, args.config).run())
     except RealIPError as exc:
         logging.getLogger("broker").error("%s", exc)
         return EXIT_FAILURE

@@ -235,6 +235,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ban_delete.add_argument("value", metavar="VALUE")
     ban_delete.add_argument("--json", action="store_true")
 
+    reload = topics.add_parser("reload", help="read the config file again and apply what can change live")
+    reload.add_argument("--json", action="store_true")
+
     log = topics.add_parser("log", help="the broker's log level, while it runs")
     log_actions = log.add_subparsers(dest="action", metavar="ACTION", required=True)
     log_actions.add_parser("level", help="the level in force")
@@ -350,6 +353,22 @@ def run(args: argparse.Namespace) -> int:
             return _banned(client, args)
         if args.topic == "users":
             return _users(client, args)
+        if args.topic == "reload":
+            status, data = client.request("POST", "/api/v1/reload")
+            if args.json:
+                _print_json(data)
+                return 1 if status >= 400 else 0
+            if not isinstance(data, dict) or "errors" not in data:
+                _check(status, data)
+            if data["errors"]:
+                for problem in data["errors"]:
+                    say(f"reload failed: {problem}", error=True)
+                say("nothing was changed", error=True)
+                return 1
+            say(f"changed: {', '.join(data['changed']) or 'nothing'}")
+            if data["restart_needed"]:
+                say(f"needs a restart to apply: {', '.join(data['restart_needed'])}")
+            return 0
         if args.topic == "log":
             if args.action == "set-level":
                 status, data = client.request("PUT", "/api/v1/log/level", {"level": args.level})

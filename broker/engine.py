@@ -226,6 +226,31 @@ class Engine:
         self._all_closed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def reconfigure(
+        self,
+        settings: MqttSettings,
+        authorizer: Authorizer,
+        auth: AuthChain,
+        sources: Sequence[AuthorizationSource],
+    ) -> None:
+        """A configuration reload: new limits (for what comes next: a connection's packet size is
+        fixed when it opens), new authentication, new rules, recompiled at once for every
+        connected client (an offline session gets them when it reconnects)."""
+        self.settings = settings
+        self._authorizer = authorizer
+        self.auth = auth
+        self._sources = tuple(sources)
+        for client_id, channel in self._connected.items():
+            username = channel.username if channel.authenticated else None
+            rules = (
+                None
+                if channel.is_superuser
+                else authorizer.for_client(client_id, username, channel.address.ip)
+            )
+            channel.rules = rules
+            if channel.session is not None:
+                channel.session.rules = rules
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop the engine was started on.
