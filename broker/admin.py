@@ -19,6 +19,7 @@ Errors are ``{"code": "...", "message": "..."}`` with a 4xx status.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import json
@@ -26,6 +27,8 @@ import logging
 import os
 import socket
 import stat
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker import logs
+from broker import __version__, logs
 from broker.audit import iso8601
 from broker.auth.builtin import UserError
 from broker.bans import BanError
+from broker.core.session import Message
 from broker.engine import Engine, SessionView
 from broker.errors import RealIPError
 from broker.metrics import BrokerCollector, render
@@ -87,6 +91,28 @@ def client_json(view: SessionView) -> dict[str, Any]:
         "dropped": view.drops,
         "tls": None if address.tls is None else address.tls.as_dict(),
         "proxy_details": address.details,
+    }
+
+
+#: Payload bytes a retained message's listing shows (``show`` gives all of it).
+PAYLOAD_PREVIEW = 64
+
+
+def retained_json(message: Message, *, payload: bool = False) -> dict[str, Any]:
+    """A retained message as the API shows it: the payload as UTF-8 text, or base64 when it is not
+    text (``payload_encoding``); only its first :data:`PAYLOAD_PREVIEW` bytes unless ``payload``."""
+    data = message.payload if payload else message.payload[:PAYLOAD_PREVIEW]
+    try:
+        text, encoding = data.decode("utf-8"), "plain"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(data).decode("ascii"), "base64"
+    return {
+        "topic": message.topic,
+        "qos": message.qos,
+        "from_clientid": message.publisher,
+        "payload": text,
+        "payload_encoding": encoding,
+        "payload_size": len(message.payload),
     }
 
 
@@ -148,6 +174,7 @@ class AdminServer:
         """``reload`` re-reads the configuration (``POST /api/v1/reload``)."""
         self.settings = settings
         self._reload = reload
+        self._started = time.monotonic()
         self._engine = engine
         self._listeners = listeners
         self._operations = operations
@@ -184,6 +211,11 @@ class AdminServer:
                 web.put("/api/v1/authentication/users/{user_id}", self._update_user),
                 web.delete("/api/v1/authentication/users/{user_id}", self._delete_user),
                 web.post("/api/v1/reload", self._reload_config),
+                web.get("/api/v1/status", self._status),
+                web.get("/api/v1/subscriptions", self._subscriptions),
+                web.get("/api/v1/retained", self._retained),
+                web.get("/api/v1/retained/{topic:.+}", self._retained_one),
+                web.delete("/api/v1/retained/{topic:.+}", self._retained_delete),
                 web.get("/api/v1/log/level", self._log_level),
                 web.put("/api/v1/log/level", self._set_log_level),
                 web.get("/metrics", self._metrics),
@@ -301,6 +333,7 @@ class AdminServer:
         return web.Response(status=204)
 
     async def _listeners_view(self, request: web.Request) -> web.Response:
+        refused_at_connect = self._engine.counters.refused_by_listener
         data = []
         for listener in self._listeners:
             settings = listener.settings
@@ -316,7 +349,21 @@ class AdminServer:
                     "max_connections": settings.max_connections or "infinity",
                     "current_connections": listener.stats.current,
                     "accepted": listener.stats.accepted,
-                    "refused": dict(sorted(listener.stats.refused.items())),
+                    # Refused before MQTT (PROXY, headers, limits) and at CONNECT (bans, auth...).
+                    "refused": dict(
+                        sorted(
+                            (
+                                listener.stats.refused
+                                + Counter(
+                                    {
+                                        reason: count
+                                        for (where, reason), count in refused_at_connect.items()
+                                        if where == listener.id
+                                    }
+                                )
+                            ).items()
+                        )
+                    ),
                 }
             )
         return web.json_response(data)
@@ -400,6 +447,48 @@ class AdminServer:
             self._operations.delete_user(user_id)
         except UserError as exc:
             return _error(500, "INTERNAL_ERROR", str(exc))
+        return web.Response(status=204)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        sizes = self._engine.stats()
+        return web.json_response(
+            {
+                "version": __version__,
+                "uptime": round(time.monotonic() - self._started, 3),
+                "clients_connected": self._engine.count(),
+                **sizes,
+                "listeners": [listener.id for listener in self._listeners],
+                "reloads": dict(self._engine.counters.reloads),
+            }
+        )
+
+    async def _subscriptions(self, request: web.Request) -> web.Response:
+        limit = _int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+        found = self._engine.subscription_list(request.query.get("clientid"))
+        topic = request.query.get("topic")
+        if topic is not None:
+            found = [entry for entry in found if entry["topic"] == topic]
+        return web.json_response({"data": found[:limit], "meta": {"count": len(found), "limit": limit}})
+
+    async def _retained(self, request: web.Request) -> web.Response:
+        limit = _int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+        try:
+            messages = self._engine.retained_list(request.query.get("topic", "#"), limit)
+        except ValueError as exc:
+            return _error(400, "BAD_REQUEST", f"topic: {exc}")
+        return web.json_response({"data": [retained_json(message) for message in messages]})
+
+    async def _retained_one(self, request: web.Request) -> web.Response:
+        topic = request.match_info["topic"]
+        message = self._engine.retained_get(topic)
+        if message is None:
+            return _error(404, "NOT_FOUND", f"no retained message on {topic}")
+        return web.json_response(retained_json(message, payload=True))
+
+    async def _retained_delete(self, request: web.Request) -> web.Response:
+        topic = request.match_info["topic"]
+        if not self._engine.retained_delete(topic):
+            return _error(404, "NOT_FOUND", f"no retained message on {topic}")
         return web.Response(status=204)
 
     async def _reload_config(self, request: web.Request) -> web.Response:

@@ -317,6 +317,7 @@ class BrokerApp:
         Audited as ``config_reloaded`` (or ``config_reload_failed``). Never raises."""
         async with self._reload_lock:
             result = await self._reload()
+        self.engine.counters.reloads["failed" if result["errors"] else "done"] += 1
         if result["errors"]:
             for problem in result["errors"]:
                 logger.error("reload: %s", problem)

@@ -172,6 +172,7 @@ class Channel:
         if self.closed:
             return
         self.last_received = self.engine.loop.time()
+        self.engine.counters.bytes_received += len(data)
         protocol = self.protocol
         packets = protocol.receive_data(data)
         for packet in packets:
@@ -294,6 +295,7 @@ class Channel:
         self.dirty = False
         chunks = self.protocol.data_to_send()
         if chunks:
+            self.engine.counters.bytes_sent += sum(map(len, chunks))
             self.link.writelines(chunks)
 
     def close(self, reason: str) -> None:

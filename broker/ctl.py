@@ -235,6 +235,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ban_delete.add_argument("value", metavar="VALUE")
     ban_delete.add_argument("--json", action="store_true")
 
+    status = topics.add_parser("status", help="version, uptime, clients, sessions, subscriptions, retained")
+    status.add_argument("--json", action="store_true")
+
+    subscriptions = topics.add_parser("subscriptions", help="subscriptions of every session, or of one")
+    subscriptions.add_argument("--client", metavar="ID", help="one client's session only")
+    subscriptions.add_argument("--topic", dest="topic_filter", metavar="FILTER", help="only this filter")
+    subscriptions.add_argument("--json", action="store_true")
+
+    retained = topics.add_parser("retained", help="retained messages")
+    retained_actions = retained.add_subparsers(dest="action", metavar="ACTION", required=True)
+    retained_list = retained_actions.add_parser(
+        "list", help="those a filter matches (default '#', 100 at most)"
+    )
+    retained_list.add_argument("filter", nargs="?", default="#", metavar="FILTER")
+    retained_list.add_argument("--limit", type=int, default=100)
+    retained_list.add_argument("--json", action="store_true")
+    for name, text in (("show", "one, with its whole payload"), ("delete", "drop one")):
+        command = retained_actions.add_parser(name, help=text)
+        command.add_argument("retained_topic", metavar="TOPIC")
+        command.add_argument("--json", action="store_true")
+
     reload = topics.add_parser("reload", help="read the config file again and apply what can change live")
     reload.add_argument("--json", action="store_true")
 
@@ -315,6 +336,62 @@ def _users(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _views(client: AdminClient, args: argparse.Namespace) -> int:
+    """``status``, ``subscriptions``, ``retained list|show|delete``."""
+    if args.topic == "status":
+        code, figures = client.request("GET", "/api/v1/status")
+        _check(code, figures)
+        if args.json:
+            _print_json(figures)
+        else:
+            for key, value in figures.items():
+                shown = ", ".join(value) if isinstance(value, list) else value
+                say(f"{key}: {shown}")
+        return 0
+    if args.topic == "subscriptions":
+        wanted = {"clientid": args.client, "topic": args.topic_filter, "limit": PAGE}
+        path = f"/api/v1/subscriptions?{urlencode({k: v for k, v in wanted.items() if v is not None})}"
+        status, data = client.request("GET", path)
+        _check(status, data)
+        if args.json:
+            _print_json(data["data"])
+        for entry in data["data"] if not args.json else ():
+            state = "" if entry["online"] else " (offline)"
+            say(f"{entry['clientid']} -> {entry['topic']} (qos {entry['qos']}){state}")
+        return 0
+    if args.action == "list":
+        query = urlencode({"topic": args.filter, "limit": args.limit})
+        status, data = client.request("GET", f"/api/v1/retained?{query}")
+        _check(status, data)
+        if args.json:
+            _print_json(data["data"])
+        for entry in data["data"] if not args.json else ():
+            say(retained_line(entry))
+        return 0
+    topic = args.retained_topic
+    path = f"/api/v1/retained/{quote(topic, safe='/')}"
+    status, data = client.request("DELETE" if args.action == "delete" else "GET", path)
+    if status == 404:
+        say(f"no retained message on {topic}", error=True)
+        return 1
+    _check(status, data)
+    if args.json:
+        _print_json(data if data is not None else {"topic": topic, "deleted": True})
+    else:
+        say("ok" if data is None else retained_line(data))
+    return 0
+
+
+def retained_line(entry: dict[str, Any]) -> str:
+    """The one-line form of a retained message (``ctl retained list|show``)."""
+    size = entry["payload_size"]
+    payload = entry["payload"] if entry["payload_encoding"] == "plain" else f"base64:{entry['payload']}"
+    return (
+        f"Retained({entry['topic']}, qos={entry['qos']}, from={entry['from_clientid']}, "
+        f"size={size}, payload={payload!r})"
+    )
+
+
 def _check(status: int, data: Any) -> None:
     """Raises AdminError for an error answer, with the API's message."""
     if status >= 400:
@@ -353,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
             return _banned(client, args)
         if args.topic == "users":
             return _users(client, args)
+        if args.topic in ("status", "subscriptions", "retained"):
+            return _views(client, args)
         if args.topic == "reload":
             status, data = client.request("POST", "/api/v1/reload")
             if args.json:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from broker.access import Gatekeeper, Refusal
 from broker.auth.base import AuthorizationSource, Credentials, Outcome
 from broker.auth.chain import AuthChain, Decision
-from broker.authorization import Authorizer, ClientRules
+from broker.authorization import Authorizer, ClientRules, valid_filter
 from broker.channel import Channel, ChannelState
 from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
 from broker.core.topics import RetainedStore, SubscriptionTrie
@@ -639,6 +640,7 @@ class Engine:
             "%s: client %r refused: %s [%s]", channel.describe(), client_id, refusal.message, refusal.reason
         )
         self.counters.refused[refusal.reason] += 1
+        self.counters.refused_by_listener[(channel.listener_id, refusal.reason)] += 1
         if audit:
             self._hooks.refused(channel.listener_id, channel.address, refusal.reason, client_id, username)
         if connect.proto_level != 5 and refusal.code in _CLOSED_AT_V3:
@@ -1229,6 +1231,51 @@ class Engine:
             "queued": sum(len(session.queue) for session in self._sessions.values()),
             "inflight": sum(len(session.inflight) for session in self._sessions.values()),
         }
+
+    def subscription_list(self, client_id: str | None = None) -> list[dict[str, Any]]:
+        """Every subscription (of one client's session when ``client_id`` is given), sessions in
+        connection order, offline ones after: ``{"clientid", "topic", "qos", "nl", "rap", "sub_id",
+        "online"}`` (EMQX's names). Never raises."""
+        sessions = (
+            [self._sessions[client_id]] if client_id is not None and client_id in self._sessions else []
+        )
+        if client_id is None:
+            online = [c.session for c in self._connected.values() if c.session is not None]
+            seen = {id(session) for session in online}
+            sessions = [*online, *(s for s in self._sessions.values() if id(s) not in seen)]
+        return [
+            {
+                "clientid": session.client_id,
+                "topic": topic_filter,
+                "qos": options.qos,
+                "nl": int(options.no_local),
+                "rap": int(options.retain_as_published),
+                "sub_id": options.identifier or None,
+                "online": session.channel is not None,
+            }
+            for session in sessions
+            for topic_filter, options in session.subscriptions.items()
+        ]
+
+    def retained_list(self, topic_filter: str = "#", limit: int = 100) -> list[Message]:
+        """Retained messages ``topic_filter`` matches, ``limit`` at most (unordered).
+
+        Raises:
+            ValueError: not a valid topic filter.
+        """
+        if not valid_filter(topic_filter):
+            raise ValueError(f"{topic_filter!r} is not a valid topic filter")
+        return [message for _, message in itertools.islice(self._retained.match(topic_filter), limit)]
+
+    def retained_get(self, topic: str) -> Message | None:
+        """The retained message of ``topic``, if any. Never raises."""
+        return self._retained.get(topic) if topic and not set(topic) & {"+", "#"} else None
+
+    def retained_delete(self, topic: str) -> bool:
+        """Drop the retained message of ``topic``; False if there was none. Never raises."""
+        if not topic or set(topic) & {"+", "#"}:
+            return False
+        return self._retained.delete(topic) is not None
 
     async def kick(self, client_id: str, reason: str = "kicked") -> bool:
         """Disconnect a connected client and discard its session; False if it is not connected."""

@@ -35,6 +35,15 @@ class MessageCounters:
     refused_subscriptions: Counter[str] = field(default_factory=Counter)
     #: Connections of admitted clients that ended, by reason.
     disconnected: Counter[str] = field(default_factory=Counter)
+    #: CONNECTs refused, by (listener id, reason): ``ctl listeners`` shows them with the listener's
+    #: own refusals (those decided before MQTT).
+    refused_by_listener: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Bytes received from and written to clients (MQTT bytes, after PROXY headers and WebSocket
+    #: framing).
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    #: Configuration reloads: done, failed.
+    reloads: Counter[str] = field(default_factory=Counter)
 
 
 class StatsSource(Protocol):
@@ -97,6 +106,19 @@ class BrokerCollector(Collector):
         yield accepted
         yield refused
         yield GaugeMetricFamily("realip_sessions_connected", "MQTT clients connected", value=self._sessions())
+        for name, help_text, value in (
+            ("realip_bytes_received", "MQTT bytes received from clients", self._messages.bytes_received),
+            ("realip_bytes_sent", "MQTT bytes written to clients", self._messages.bytes_sent),
+        ):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], value)
+            yield family
+        reloads = CounterMetricFamily(
+            "realip_config_reloads", "Configuration reloads, by result", labels=["result"]
+        )
+        for result, count in sorted(self._messages.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
         received = CounterMetricFamily("realip_messages_received", "PUBLISH packets received from clients")
         received.add_metric([], self._messages.received)
         yield received

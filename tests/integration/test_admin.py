@@ -25,6 +25,7 @@ from tests.support import (
     client_info,
     ctl,
     listener_config,
+    metric_samples,
 )
 
 BrokerFactory = Callable[..., BrokerProcess]
@@ -214,3 +215,50 @@ def test_ctl_escapes_what_clients_chose(broker: BrokerProcess) -> None:
         assert kicked.returncode == 0 and kicked.stdout == "ok\n"
     finally:
         sock.close()
+
+
+def test_ctl_status_subscriptions_and_retained(broker: BrokerProcess, clients: Clients) -> None:
+    port = broker.port("tcp:default")
+    watcher = clients.new("watcher").connect("127.0.0.1", port)
+    assert watcher.subscribe("plant/+/temp", 1) == [1]
+    publisher = clients.new("pub").connect("127.0.0.1", port)
+    publisher.publish("plant/1/temp", b"21.5", qos=1, retain=True)
+    publisher.publish("plant/2/temp", b"\xff\xfe", qos=0, retain=True)
+    watcher.expect()
+    watcher.expect()
+    status = json.loads(ctl(broker, "status", "--json").stdout)
+    assert (status["clients_connected"], status["retained"], status["subscriptions"]) == (2, 2, 1)
+    assert status["listeners"] == ["tcp:default", "ws:default"]
+    listed = ctl(broker, "subscriptions").stdout.splitlines()
+    assert listed == ["watcher -> plant/+/temp (qos 1)"]
+    assert json.loads(ctl(broker, "subscriptions", "--client", "pub", "--json").stdout) == []
+    retained = sorted(ctl(broker, "retained", "list", "plant/#").stdout.splitlines())
+    assert retained == [
+        "Retained(plant/1/temp, qos=1, from=pub, size=4, payload='21.5')",
+        "Retained(plant/2/temp, qos=0, from=pub, size=2, payload='base64://4=')",
+    ]
+    shown = json.loads(ctl(broker, "retained", "show", "plant/1/temp", "--json").stdout)
+    assert (shown["payload"], shown["payload_encoding"]) == ("21.5", "plain")
+    assert ctl(broker, "retained", "delete", "plant/1/temp").stdout == "ok\n"
+    missing = ctl(broker, "retained", "show", "plant/1/temp")
+    assert missing.returncode == 1 and "no retained message on plant/1/temp" in missing.stderr
+    bad = ctl(broker, "retained", "list", "a/#/b")
+    assert bad.returncode == 1 and "not a valid topic filter" in bad.stderr
+    late = clients.new("late").connect("127.0.0.1", port)
+    late.subscribe("plant/#")
+    assert late.expect().topic == "plant/2/temp"
+    late.expect_nothing()
+    samples = {name: value for (name, _), value in metric_samples(broker).items()}
+    assert samples["realip_bytes_received_total"] > 0 and samples["realip_bytes_sent_total"] > 0
+
+
+def test_ctl_listeners_counts_refusals_at_connect_too(broker: BrokerProcess) -> None:
+    from tests.mqtt_raw import connect, read_packet
+
+    assert ctl(broker, "banned", "add", "clientid", "outcast").returncode == 0
+    with socket.create_connection(("127.0.0.1", broker.port("tcp:default")), timeout=WAIT) as sock:
+        sock.sendall(connect("outcast"))
+        assert read_packet(sock) == (0x20, b"\x00\x05")  # refused by the engine, at CONNECT
+    listeners = json.loads(ctl(broker, "listeners", "--json").stdout)
+    assert listeners[0]["id"] == "tcp:default" and listeners[0]["refused"] == {"banned": 1}
+    assert "refused=banned:1" in ctl(broker, "listeners").stdout
