@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,15 +292,23 @@ async def start_realip(
     label: str = REALIP,
     launcher: Sequence[str] | None = None,
     loop: str | None = None,
+    prepare: Callable[[Path], None] | None = None,
 ) -> Broker:
     """realip-broker as operators run it (``serve --config``, log level info, logs to a file).
 
     ``launcher`` replaces ``python -m broker`` (the profiler runs the same command line under cProfile);
     ``loop`` (``asyncio``, ``uvloop``) is passed as ``--loop`` and checked against the loop the broker
-    logs; None (the default) passes none: the broker's default loop, asyncio's.
+    logs; None (the default) passes none: the broker's default loop, asyncio's. ``prepare`` is called
+    with the working directory before the broker starts (to put files in its ``data`` directory).
     """
     workdir = Path(tempfile.mkdtemp(prefix="bench-realip-"))
     (workdir / "broker.yaml").write_text(config)
+    if prepare is not None:
+        try:
+            prepare(workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
     log = workdir / "broker.log"
     with log.open("w") as log_file:
         proc = await asyncio.create_subprocess_exec(

@@ -19,6 +19,7 @@ realip-broker runs on its default event loop (asyncio's own); the loop contender
 - ``connect``     connection rate through a PROXY v1 / v2 listener vs a plain one.
 - ``auth``        CONNECT rate with each password backend (built-in database argon2id and
                   PBKDF2, a mosquitto password file) vs no authenticator (bench_auth_connect.py).
+- ``bans``        CONNECT rate with 10,000 peerhost bans vs none (bench_bans.py).
 - ``ws``          WebSocket connection rate with X-Forwarded-For resolution vs without.
 - ``memory``      resident memory per idle connection at 1k and 10k connections through a PROXY
                   listener (asyncio's loop and uvloop), with amqtt's own listener and mosquitto at
@@ -55,6 +56,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import bench_auth_connect  # noqa: E402
+import bench_bans  # noqa: E402
 import bench_connect_rate  # noqa: E402
 import bench_filters  # noqa: E402
 import bench_latency  # noqa: E402
@@ -144,6 +146,7 @@ BENCHMARKS: dict[str, Callable[[Options], Awaitable[list[Table]]]] = {
     "latency": bench_latency.run,
     "connect": bench_connect_rate.run,
     "auth": bench_auth_connect.run,
+    "bans": bench_bans.run,
     "ws": bench_ws_connect_rate.run,
     "memory": bench_memory.run,
     "parse": run_parse,

@@ -187,6 +187,7 @@ class AdminServer:
             authentication=lambda: engine.auth.results,
             failure_bans=lambda: gatekeeper.failure_bans if gatekeeper is not None else 0,
             authorization=lambda: engine.source_results,
+            ban_write_failures=lambda: operations.bans.write_failures if operations is not None else 0,
         )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None

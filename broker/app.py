@@ -439,6 +439,10 @@ class BrokerApp:
             await asyncio.sleep(0)
         await self._close_auth()
         self.password_checks.close()
+        try:  # the ban file is written in the background: everything on disc before we exit
+            await asyncio.to_thread(self.bans.flush)
+        except BanError as exc:
+            logger.error("%s", exc)
         self.audit_log.close()
         logger.info("realip-broker stopped")
 

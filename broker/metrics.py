@@ -70,6 +70,7 @@ class BrokerCollector(Collector):
         authentication: Callable[[], Mapping[tuple[str, str], int]] = dict,
         failure_bans: Callable[[], int] = int,
         authorization: Callable[[], Mapping[tuple[str, str], int]] = dict,
+        ban_write_failures: Callable[[], int] = int,
     ) -> None:
         """``authentication``: answers by (authenticator, result); ``failure_bans``: addresses
         banned for failed authentications; ``authorization``: source answers by (source, result)."""
@@ -80,6 +81,7 @@ class BrokerCollector(Collector):
         self._authentication = authentication
         self._failure_bans = failure_bans
         self._authorization = authorization
+        self._ban_write_failures = ban_write_failures
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus-client)."""
@@ -164,6 +166,11 @@ class BrokerCollector(Collector):
         )
         bans.add_metric([], self._failure_bans())
         yield bans
+        ban_writes = CounterMetricFamily(
+            "realip_ban_file_write_failures", "Failed writes of the ban file (retried at the next change)"
+        )
+        ban_writes.add_metric([], self._ban_write_failures())
+        yield ban_writes
         sizes = self._sizes()
         for key, help_text in (
             ("sessions", "Sessions held, connected or not"),

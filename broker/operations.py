@@ -194,7 +194,7 @@ class Operations:
         """Ban, persist, and kick the live clients the ban matches; returns the ban and who was kicked.
 
         Raises:
-            BanError: invalid kind, value or until, or the ban file cannot be written.
+            BanError: invalid kind, value or until (the file is written in the background).
         """
         now = time.time()
         ban = self.bans.add(
@@ -218,7 +218,7 @@ class Operations:
         """Lift a ban; ``None`` if there was none.
 
         Raises:
-            BanError: invalid kind or value, or the ban file cannot be written.
+            BanError: invalid kind or value.
         """
         ban = self.bans.delete(kind, value)
         if ban is not None:
