@@ -20,6 +20,7 @@ realip-broker runs on its default event loop (asyncio's own); the loop contender
 - ``auth``        CONNECT rate with each password backend (built-in database argon2id and
                   PBKDF2, a mosquitto password file) vs no authenticator (bench_auth_connect.py).
 - ``bans``        CONNECT rate with 10,000 peerhost bans vs none (bench_bans.py).
+- ``persistence`` retained publishes per second with the SQLite store on vs off (bench_persistence.py).
 - ``ws``          WebSocket connection rate with X-Forwarded-For resolution vs without.
 - ``memory``      resident memory per idle connection at 1k and 10k connections through a PROXY
                   listener (asyncio's loop and uvloop), with amqtt's own listener and mosquitto at
@@ -61,6 +62,7 @@ import bench_connect_rate  # noqa: E402
 import bench_filters  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_persistence  # noqa: E402
 import bench_throughput  # noqa: E402
 import bench_ws_connect_rate  # noqa: E402
 from benchlib import (  # noqa: E402
@@ -147,6 +149,7 @@ BENCHMARKS: dict[str, Callable[[Options], Awaitable[list[Table]]]] = {
     "connect": bench_connect_rate.run,
     "auth": bench_auth_connect.run,
     "bans": bench_bans.run,
+    "persistence": bench_persistence.run,
     "ws": bench_ws_connect_rate.run,
     "memory": bench_memory.run,
     "parse": run_parse,

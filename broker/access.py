@@ -163,14 +163,11 @@ class Gatekeeper:
         return None
 
     def check_client(self, listener_id: str, ip: str, client_id: str, username: str | None) -> Refusal | None:
-        """:meth:`check_address`, ``clientid`` and ``username`` bans, then the per-address limits
-        of the listener (this counts the CONNECT towards ``max_conn_rate_per_ip``). Never raises."""
-        refusal = self.check_address(listener_id, ip)
+        """:meth:`check_bans`, then the per-address limits of the listener (this counts the CONNECT
+        towards ``max_conn_rate_per_ip``). Never raises."""
+        refusal = self.check_bans(listener_id, ip, client_id, username)
         if refusal is not None:
             return refusal
-        ban = self.bans.match(None, client_id, username)
-        if ban is not None:
-            return Refusal("banned", f"{ban.kind} {ban.value!r} is banned{_why(ban.reason)}", reasons.BANNED)
         listener = self._listeners.get(listener_id)
         if listener is None:
             return None
@@ -184,6 +181,18 @@ class Gatekeeper:
                 reasons.CONNECTION_RATE_EXCEEDED,
             )
         return self.check_connections(listener_id, ip)
+
+    def check_bans(self, listener_id: str, ip: str, client_id: str, username: str | None) -> Refusal | None:
+        """:meth:`check_address`, then ``clientid`` and ``username`` bans (asked again when the
+        client is admitted: a ban may have come while it authenticated, and SCRAM learns the
+        username only then). Never raises."""
+        refusal = self.check_address(listener_id, ip)
+        if refusal is not None:
+            return refusal
+        ban = self.bans.match(None, client_id, username)
+        if ban is not None:
+            return Refusal("banned", f"{ban.kind} {ban.value!r} is banned{_why(ban.reason)}", reasons.BANNED)
+        return None
 
     def check_connections(self, listener_id: str, ip: str) -> Refusal | None:
         """``max_connections_per_ip`` of the listener (asked again when a client is attached after

@@ -43,6 +43,8 @@ from broker.settings import (
     dump_settings,
     load_settings_file,
 )
+from broker.store.base import NullStore, Store, StoreError
+from broker.store.sqlite import SqliteStore
 from broker.sys_topics import Hooks, SysTopics
 from listeners.address import format_hostport
 from listeners.tcp import SslListener, TcpListener
@@ -113,6 +115,10 @@ def make_authorizer(settings: Settings, sources: list[HttpAuthorizationSource]) 
     )
 
 
+#: Seconds a chain replaced by a reload stays open, for the authentications under way with it
+#: (longer than an HTTP authenticator's default request_timeout).
+RETIRE_AFTER = 30.0
+
 #: Sections a reload applies at once; a change anywhere else is reported as needing a restart.
 LIVE_SECTIONS = ("access", "authentication", "authentication_policy", "authorization", "mqtt")
 
@@ -120,6 +126,13 @@ LIVE_SECTIONS = ("access", "authentication", "authentication_policy", "authoriza
 def _scram_credentials(users: UserStore, algorithm: str, username: str) -> ScramCredentials | None:
     user = users.get(username)
     return None if user is None else user.scram.get(algorithm)
+
+
+def make_store(settings: Settings) -> Store:
+    """The store ``persistence`` asks for, not open: the SQLite file, or none."""
+    if not settings.persistence.enable:
+        return NullStore()
+    return SqliteStore(settings.store_file, flush_interval=settings.persistence.flush_interval)
 
 
 #: Seconds between sweeps for expired bans (expired bans never match in between).
@@ -161,6 +174,7 @@ class BrokerApp:
         sys_settings = settings.sys_topics
         # With $SYS off the engine calls the audit trail directly (no fan-out on its path).
         hooks: EngineHooks = Hooks(self.audit) if sys_settings.enable else self.audit
+        self.store = make_store(settings)
         self.engine = Engine(
             settings.mqtt,
             listeners=settings.listeners,
@@ -169,6 +183,7 @@ class BrokerApp:
             authorizer=make_authorizer(settings, self.sources),
             auth=self.auth,
             sources=self.sources,
+            store=self.store,
         )
         self.sys_topics: SysTopics | None = None
         if sys_settings.enable:
@@ -194,17 +209,21 @@ class BrokerApp:
             )
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
+        #: Chains and sources replaced by a reload, closed after RETIRE_AFTER.
+        self._retired: list[tuple[AuthChain, list[HttpAuthorizationSource]]] = []
+        self._reloads: set[asyncio.Task[Any]] = set()
         self._purger: asyncio.Task[None] | None = None
         self._auth_started = False
         self._sources_started: list[HttpAuthorizationSource] = []
 
     async def start(self) -> None:
-        """Start the engine, every listener, then the admin API.
+        """Open the store, start the engine with the retained messages it kept, every listener,
+        then the admin API.
 
         Raises:
-            StartupError: the data directory cannot be made, or a listener cannot bind; what was
-                started is stopped again.
+            StartupError: the data directory cannot be made, the store cannot be opened or read (not
+                this broker's, corrupt), or a listener cannot bind; what was started is stopped
+                again.
             AdminStartupError: the admin API cannot listen.
         """
         data_dir = Path(self.settings.node.data_dir)
@@ -217,6 +236,10 @@ class BrokerApp:
             self.users.load()
         except (BanError, UserError) as exc:
             raise StartupError(str(exc)) from None
+        try:  # before anything else starts: a store that is not ours stops the broker at once
+            await self.store.open()
+        except StoreError as exc:
+            raise StartupError(f"persistence.file: {exc}") from None
         try:
             self.audit_log.open()
         except OSError as exc:
@@ -239,6 +262,13 @@ class BrokerApp:
         for warning in config_warnings(self.settings):
             logger.warning("%s", warning)
         await self.engine.start()
+        try:  # before any listener: the first subscriber sees what was retained before the stop
+            restored = self.engine.restore_retained(await self.store.load_retained())
+        except StoreError as exc:
+            await self.stop()
+            raise StartupError(f"persistence.file: {exc}") from None
+        if self.settings.persistence.enable:
+            logger.info("%d retained message(s) restored from %s", restored, self.store.location)
         if self.sys_topics is not None:  # the retained figures exist before the first client
             self.sys_topics.start(self.engine.loop)
         self._purger = asyncio.create_task(self._purge_bans())
@@ -373,14 +403,30 @@ class BrokerApp:
             result["errors"] = [f"{self.config_path}: {exc}"]
             return result
         old_auth, old_sources = self.auth, self._sources_started
-        self.gatekeeper.update(new)
+        # The listeners running stay as they are; each takes its access rules and per-address
+        # limits from the new file (one that the file no longer names keeps its own).
+        renamed = {listener.id: listener for listener in new.listeners}
+        running = tuple(
+            dataclasses.replace(
+                listener,
+                access=renamed[listener.id].access,
+                max_connections_per_ip=renamed[listener.id].max_connections_per_ip,
+                max_conn_rate_per_ip=renamed[listener.id].max_conn_rate_per_ip,
+            )
+            if listener.id in renamed
+            else listener
+            for listener in self.settings.listeners
+        )
+        self.gatekeeper.update(dataclasses.replace(new, listeners=running))
         self.engine.reconfigure(new.mqtt, make_authorizer(new, sources), auth, sources)
         self.auth, self.sources, self._sources_started = auth, sources, started
         if new.log.level != self.settings.log.level:
             logs.set_level(new.log.level)
-        await old_auth.close()
-        for source in old_sources:
-            await source.close()
+        # Authentications and source requests already under way finish with the old ones.
+        self._retired.append((old_auth, old_sources))
+        retire = asyncio.get_running_loop().create_task(self._retire(old_auth, old_sources))
+        self._reloads.add(retire)
+        retire.add_done_callback(self._reloads.discard)
         kept = {"listeners"} if listeners_changed else set()
         kept |= {key for key in changed if key not in (*LIVE_SECTIONS, "listeners", "log")}
         if new.log.format != self.settings.log.format or new.log.file != self.settings.log.file:
@@ -392,6 +438,7 @@ class BrokerApp:
             admin=self.settings.admin,
             audit=self.settings.audit,
             sys_topics=self.settings.sys_topics,
+            persistence=self.settings.persistence,
         )
         result["changed"] = [key for key in changed if key not in kept or key == "log"]
         result["restart_needed"] = sorted(kept)
@@ -412,7 +459,21 @@ class BrokerApp:
             except BanError as exc:
                 logger.error("%s", exc)
 
+    async def _retire(self, auth: AuthChain, sources: list[HttpAuthorizationSource]) -> None:
+        """Close a replaced chain and sources once what was under way with them is over."""
+        await asyncio.sleep(RETIRE_AFTER)
+        if (auth, sources) in self._retired:
+            self._retired.remove((auth, sources))
+            await auth.close()
+            for source in sources:
+                await source.close()
+
     async def _close_auth(self) -> None:
+        while self._retired:  # replaced by reloads and not closed yet
+            auth, sources = self._retired.pop()
+            await auth.close()
+            for source in sources:
+                await source.close()
         if self._auth_started:
             self._auth_started = False
             await self.auth.close()
@@ -421,7 +482,8 @@ class BrokerApp:
 
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (each one's audit record written), drop what is
-        left, then close the audit log. Safe to call twice."""
+        left, write what the store holds pending and close it, then close the audit log. Safe to
+        call twice."""
         if self._purger is not None:
             self._purger.cancel()
             self._purger = None
@@ -437,11 +499,17 @@ class BrokerApp:
         # Let the connection tasks see their sockets close before the loop ends.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)
+        for task in list(self._reloads):  # a reload under way, chains waiting to be retired
+            task.cancel()
         await self._close_auth()
         self.password_checks.close()
         try:  # the ban file is written in the background: everything on disc before we exit
             await asyncio.to_thread(self.bans.flush)
         except BanError as exc:
+            logger.error("%s", exc)
+        try:  # after the engine's shutdown: every retained message set before the stop is on disc
+            await self.store.close()
+        except StoreError as exc:
             logger.error("%s", exc)
         self.audit_log.close()
         logger.info("realip-broker stopped")

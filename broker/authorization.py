@@ -136,6 +136,11 @@ class Authorizer:
         self.cache_enabled = cache_enabled
 
     @property
+    def forgets_answers(self) -> bool:
+        """Whether the sources' answers serve only the packet that asked (no cache, or a TTL of 0)."""
+        return not self.cache_enabled or self.cache_ttl <= 0
+
+    @property
     def active(self) -> bool:
         """Whether any check can refuse (no rules and ``no_match: allow`` allow everything)."""
         return bool(self.rules) or not self.no_match_allows or self.sources
@@ -182,7 +187,7 @@ class Authorizer:
         if not self.sources:
             return ClientRules(tuple(compiled), self.no_match_allows)
         # Without a cache an answer lasts until the packet that asked is handled again.
-        ttl = self.cache_ttl if self.cache_enabled else float("inf")
+        ttl = float("inf") if self.forgets_answers else self.cache_ttl
         return ClientRules(tuple(compiled), self.no_match_allows, cache=(self.cache_size, ttl))
 
 
@@ -203,29 +208,48 @@ class ClientRules:
         self._rules = rules
         self._no_match_allows = no_match_allows
         self._cache = cache
-        #: (action, topic) -> (allowed, monotonic time it expires)
-        self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
+        #: (action, topic) -> (allowed, monotonic time it expires, whether a source said so rather
+        #: than no_match standing in for sources that did not decide)
+        self._answers: dict[tuple[str, str], tuple[bool, float, bool]] = {}
 
     @property
     def has_sources(self) -> bool:
         """Whether what no rule decides is asked of the authorization sources."""
         return self._cache is not None
 
-    def decide(self, action: str, topic: str, *, is_filter: bool = False) -> bool | None:
-        """The rules' decision, else a source's answer still cached, else None. Never raises."""
+    def _by_rules(self, action: str, topic: str, is_filter: bool) -> bool | None:
         for rule_action, allow, filters in self._rules:
             if rule_action not in ("all", action):
                 continue
             for rule_filter in filters:
                 if filter_covers(rule_filter, topic) if is_filter else topic_matches(rule_filter, topic):
                     return allow
-        if self._answers:
-            answer = self._answers.get((action, topic))
-            if answer is not None:
-                if answer[1] >= time.monotonic():
-                    return answer[0]
-                del self._answers[(action, topic)]
         return None
+
+    def _answer(self, action: str, topic: str) -> tuple[bool, float, bool] | None:
+        """A source's answer still cached (an expired one is dropped)."""
+        answer = self._answers.get((action, topic)) if self._answers else None
+        if answer is not None and answer[1] < time.monotonic():
+            del self._answers[(action, topic)]
+            return None
+        return answer
+
+    def decide(self, action: str, topic: str, *, is_filter: bool = False) -> bool | None:
+        """The rules' decision, else a source's answer still cached, else None. Never raises."""
+        decided = self._by_rules(action, topic, is_filter)
+        if decided is not None:
+            return decided
+        answer = self._answer(action, topic)
+        return None if answer is None else answer[0]
+
+    def explicitly_allows(self, action: str, topic: str, *, is_filter: bool = False) -> bool:
+        """Whether a rule, or a source's own answer (not ``no_match`` standing in for sources
+        that did not decide), allows this (``$SYS`` needs that). Never raises."""
+        decided = self._by_rules(action, topic, is_filter)
+        if decided is not None:
+            return decided
+        answer = self._answer(action, topic)
+        return answer is not None and answer[2] and answer[0]
 
     def allows(self, action: str, topic: str, *, is_filter: bool = False) -> bool:
         """As :meth:`Authorizer.allows` for this client. With sources, what neither the rules nor
@@ -245,7 +269,7 @@ class ClientRules:
         for action, topic, allowed in answers:
             decision = self._no_match_allows if allowed is None else allowed
             self._answers.pop((action, topic), None)
-            self._answers[(action, topic)] = (decision, expires)
+            self._answers[(action, topic)] = (decision, expires, allowed is not None)
         while len(self._answers) > max(size, len(answers)):
             del self._answers[next(iter(self._answers))]
 

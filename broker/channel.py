@@ -44,7 +44,7 @@ ACCEPTED_LEVELS = frozenset({4, 5})
 MAX_OUTBOUND_ALIASES = 256
 
 #: Packets a client may send after its CONNECT before the CONNACK (while it is authenticated):
-#: reading stops meanwhile, so this only caps what one read brought.
+#: reading stops meanwhile, so this only caps what the reads already done brought.
 MAX_HELD_PACKETS = 1000
 
 
@@ -212,7 +212,8 @@ class Channel:
     def resume_writing(self) -> None:
         """The transport drained: send what waited."""
         self.paused = False
-        self.link.resume_reading()
+        if self.held is None:  # while holding, reading resumes when the hold ends
+            self.link.resume_reading()
         session = self.session
         if session is not None and self.state is ChannelState.CONNECTED:
             session.writable = True
@@ -371,9 +372,11 @@ class Channel:
         held = self.held
         if held is None:
             return
-        if len(held) >= MAX_HELD_PACKETS:
+        if len(held) >= MAX_HELD_PACKETS and self.state is ChannelState.AWAITING_CONNECT:
             self.violation(0, f"sent more than {MAX_HELD_PACKETS} packets before its CONNACK")
             return
+        # After CONNACK (a packet waiting for the authorization sources) reading is paused too:
+        # what is held is what the reads already done brought, decoded.
         held.append(packet)
 
     def _on_auth(self, packet: mp.Auth) -> None:
@@ -405,6 +408,7 @@ class Channel:
             self.end_reason = "connect_timeout"
             self.state = ChannelState.CLOSED
             self.closed = True
+            self._cancel_pending()  # an authentication still under way is not needed any more
             self.link.abort()
 
     def start_keepalive(self) -> None:

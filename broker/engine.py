@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +39,7 @@ from broker.logs import Throttle
 from broker.metrics import MessageCounters
 from broker.mqtt import packets as mp
 from broker.mqtt import reasons
+from broker.store.base import Store, StoredMessage
 
 if TYPE_CHECKING:
     from broker.settings import ListenerSettings, MqttSettings
@@ -65,6 +66,16 @@ PUBLISH_NOT_AUTHORIZED = "publish_not_authorized"
 TOPIC_TOO_DEEP = "topic_levels"
 RETAINED_FULL = "retained_full"
 
+#: Retained messages under it are the broker's own live figures (``broker/sys_topics.py``), published
+#: again after every start: never persisted (mosquitto does not save them either).
+SYS_PREFIX = "$SYS"
+
+
+#: What an MQTT 5 client is told when authentication refused it (the log and audit say more).
+_AUTH_REFUSALS = {
+    "bad_credentials": "bad user name or password",
+    "auth_unavailable": "authentication is unavailable; try again later",
+}
 
 #: CONNACK refusals that 3.1.1 cannot express: the connection is just closed.
 _CLOSED_AT_V3 = frozenset({reasons.CONNECTION_RATE_EXCEEDED, reasons.QUOTA_EXCEEDED})
@@ -195,9 +206,12 @@ class Engine:
         authorizer: Authorizer | None = None,
         auth: AuthChain | None = None,
         sources: Sequence[AuthorizationSource] = (),
+        store: Store | None = None,
     ) -> None:
-        """``sources`` are asked (in order) what no authorization rule decides."""
+        """``sources`` are asked (in order) what no authorization rule decides; ``store`` (open) is
+        told every change of a retained message (``None``: they are kept in memory only)."""
         self.settings = settings
+        self._store = store
         self.auth = auth or AuthChain()
         self._sources = tuple(sources)
         #: Source answers by (source, outcome), for ``/metrics``.
@@ -391,7 +405,11 @@ class Engine:
             decision = Decision(reasons.SERVER_UNAVAILABLE, "auth_unavailable", "authentication failed")
         channel.pending = None
         if not channel.closed:
-            self._decided(channel, admission, decision)
+            try:
+                self._decided(channel, admission, decision)
+            except Exception:  # a bug must not leave a held connection paused for ever
+                logger.exception("%s: admission failed unexpectedly; closing", channel.describe())
+                channel.close("internal_error")
 
     def _start_exchange(self, channel: Channel, admission: Admission, method: str, data: bytes) -> None:
         """MQTT 5 4.12: answer the CONNECT's Authentication Data with AUTH 0x18 (continue)."""
@@ -504,8 +522,13 @@ class Engine:
             if refusal is not None:
                 self._refuse(channel, connect, refusal, client_id=client_id, username=username)
                 return
-        if self.gatekeeper is not None and channel.held is not None:  # authenticated in a task
-            refusal = self.gatekeeper.check_connections(channel.listener_id, ip)
+        if self.gatekeeper is not None:
+            # Asked again now: while the client authenticated, its address may have been banned
+            # (by its own failures in parallel, or by an operator), others from it may have
+            # connected, and SCRAM learns the username only at the end.
+            refusal = self.gatekeeper.check_bans(channel.listener_id, ip, client_id, username)
+            if refusal is None:
+                refusal = self.gatekeeper.check_connections(channel.listener_id, ip)
             if refusal is not None:
                 self._refuse(channel, connect, refusal, client_id=client_id, username=username)
                 return
@@ -650,7 +673,10 @@ class Engine:
         # MQTT 5 client that allows it is told why, with the address the decision was made on.
         properties = None
         if channel.problem_info and connect.proto_level == 5:
-            why = f"{refusal.message} [{refusal.reason}] (client {channel.address.peername})"
+            # An authentication refusal says no more than its code: which authenticator refused,
+            # or why, would tell an attacker which usernames exist (and name internal servers).
+            told = _AUTH_REFUSALS.get(refusal.reason, refusal.message)
+            why = f"{told} [{refusal.reason}] (client {channel.address.peername})"
             properties = {"reason_string": why}
         channel.protocol.refuse(refusal.code, properties)
         channel.close("refused")
@@ -835,11 +861,16 @@ class Engine:
         channel.pending = None
         if channel.closed:
             return
-        rules.remember(answers)
-        if admission is not None and decision is not None:
-            self._attach(channel, admission, decision, rules, extra)
-        channel.release()
-        if not self._authorizer.cache_enabled:
+        try:
+            rules.remember(answers)
+            if admission is not None and decision is not None:
+                self._attach(channel, admission, decision, rules, extra)
+            channel.release()
+        except Exception:  # a bug must not leave a held connection paused for ever
+            logger.exception("%s: handling the sources' answer failed; closing", channel.describe())
+            channel.close("internal_error")
+            return
+        if self._authorizer.forgets_answers:
             rules.forget_answers()
 
     def _publish_dropped(self, channel: Channel, reason: str, level: int, why: str, *args: Any) -> bool:
@@ -1016,10 +1047,11 @@ class Engine:
 
     def retain(self, message: Message, channel: Channel | None) -> None:
         """Store (or, for an empty payload, clear [MQTT-3.3.1-10/11]) a topic's retained message,
-        within ``mqtt.max_retained_messages``."""
+        within ``mqtt.max_retained_messages``, and tell the store (which writes it later, off the
+        loop)."""
         topic = message.topic
         if not message.payload:
-            self._retained.delete(topic)
+            self._forget_retained(topic)
             return
         limit = self.settings.max_retained_messages
         if limit and len(self._retained) >= limit and self._retained.get(topic) is None:
@@ -1037,6 +1069,65 @@ class Engine:
                 )
             return
         self._retained.set(topic, message)
+        if self._store is not None and not topic.startswith(SYS_PREFIX):
+            self._store.put_retained(message)  # converted by the store where it writes, off the loop
+
+    def _forget_retained(self, topic: str) -> bool:
+        """Drop ``topic``'s retained message, here and in the store; False if there was none."""
+        if self._retained.delete(topic) is None:
+            return False
+        # Only what was kept is deleted from the store: a client publishing empty retained messages
+        # to random topics cannot grow its pending batch (it holds the retained topics at most).
+        if self._store is not None and not topic.startswith(SYS_PREFIX):
+            self._store.delete_retained(topic)
+        return True
+
+    def _restore_one(self, stored: StoredMessage, loop_now: float, wall_now: float) -> str | None:
+        """Retain one stored message; None if done, else why it was dropped."""
+        topic = stored.topic
+        if topic.startswith(SYS_PREFIX):
+            return "$SYS"  # never stored by this broker: not its figures to bring back
+        limit = self.settings.max_retained_messages
+        try:
+            message = stored.to_message(loop_now=loop_now, wall_now=wall_now)
+            if message is None:
+                return "expired"
+            if limit and len(self._retained) >= limit and self._retained.get(topic) is None:
+                return "beyond mqtt.max_retained_messages"
+            self._retained.set(topic, message)
+        except ValueError as exc:  # damaged properties, an invalid topic name
+            logger.warning("stored retained message on %r unusable (%s): dropped", topic, exc)
+            return "unusable"
+        return None
+
+    def restore_retained(self, messages: Iterable[StoredMessage]) -> int:
+        """Fill the retained messages from what the store kept, at start (before any listener):
+        each one's expiry moved back onto the engine's clock. Those expired meanwhile, those beyond
+        ``mqtt.max_retained_messages`` (it was lowered), and unusable ones (a hand-edited store) are
+        dropped, and deleted from the store: it holds what the engine holds, so a topic cleared
+        later cannot come back at the next start. Returns how many were restored.
+
+        Raises:
+            RuntimeError: the engine is not started.
+        """
+        loop_now, wall_now = self.loop.time(), time.time()
+        dropped: Counter[str] = Counter()
+        restored = 0
+        for stored in messages:
+            why = self._restore_one(stored, loop_now, wall_now)
+            if why is None:
+                restored += 1
+                continue
+            dropped[why] += 1
+            if self._store is not None:
+                self._store.delete_retained(stored.topic)
+        if dropped:
+            logger.warning(
+                "%d stored retained message(s) dropped: %s",
+                dropped.total(),
+                ", ".join(f"{count} {why}" for why, count in sorted(dropped.items())),
+            )
+        return restored
 
     def subscribe(self, channel: Channel, packet: mp.Subscribe) -> None:
         """Grant or refuse each filter (SUBACK), then send the retained messages of those granted
@@ -1112,7 +1203,7 @@ class Engine:
         ``no_match: allow`` does not open ``$SYS``."""
         if channel.is_superuser:
             return True
-        return rules is not None and rules.decide("subscribe", topic_filter, is_filter=True) is True
+        return rules is not None and rules.explicitly_allows("subscribe", topic_filter, is_filter=True)
 
     def unsubscribe(self, channel: Channel, packet: mp.Unsubscribe) -> None:
         """Remove filters (UNSUBACK; MQTT 5 codes say which existed)."""
@@ -1143,7 +1234,7 @@ class Engine:
             ids = (sub_id,) if sub_id else ()
             for topic, message in matches:
                 if message.expired(now):
-                    self._retained.delete(topic)
+                    self._forget_retained(topic)
                     continue
                 if rules is not None and not rules.allows("subscribe", topic):
                     continue
@@ -1275,7 +1366,7 @@ class Engine:
         """Drop the retained message of ``topic``; False if there was none. Never raises."""
         if not topic or set(topic) & {"+", "#"}:
             return False
-        return self._retained.delete(topic) is not None
+        return self._forget_retained(topic)
 
     async def kick(self, client_id: str, reason: str = "kicked") -> bool:
         """Disconnect a connected client and discard its session; False if it is not connected."""

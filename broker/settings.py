@@ -400,6 +400,41 @@ class NodeSettings:
     name: str = setting("", parse_node_name)
 
 
+#: The store's file in ``node.data_dir`` when ``persistence.file`` is "".
+STORE_FILE_NAME = "store.sqlite3"
+
+#: ``persistence.flush_interval`` bounds: shorter than 10ms is a transaction per burst of packets for
+#: no durability anyone can tell apart; longer than an hour is hardly persistence (a ``kill -9`` loses
+#: up to this much).
+MIN_FLUSH_INTERVAL = 0.01
+MAX_FLUSH_INTERVAL = 3600.0
+
+
+def parse_flush_interval(value: Any) -> float:
+    """``persistence.flush_interval``: a duration from 10ms to 1h.
+
+    Raises:
+        ValueError: not a duration, or out of that range.
+    """
+    seconds = parse_duration(value)
+    if not MIN_FLUSH_INTERVAL <= seconds <= MAX_FLUSH_INTERVAL:
+        raise ValueError(f"{value!r} is not between 10ms and 1h")
+    return seconds
+
+
+@dataclass(frozen=True)
+class PersistenceSettings:
+    """``persistence``: what survives a restart (retained messages; sessions later) and where."""
+
+    #: On by default, in an SQLite file (no server to run); off: nothing survives a restart.
+    enable: bool = setting(True, parse_bool)
+    #: The store's file ("" = ``<node.data_dir>/store.sqlite3``).
+    file: str = setting("", _path_or_empty)
+    #: Changes are written together once per interval: a ``kill -9`` loses at most this much (a clean
+    #: stop loses nothing).
+    flush_interval: float = setting(1.0, parse_flush_interval, format_duration)
+
+
 def parse_interval(value: Any) -> float:
     """A duration of at least one second (``sys_topics.sys_msg_interval``).
 
@@ -1033,6 +1068,12 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     authentication_policy: AuthenticationPolicy = field(default_factory=AuthenticationPolicy)
     sys_topics: SysTopicsSettings = field(default_factory=SysTopicsSettings)
+    persistence: PersistenceSettings = field(default_factory=PersistenceSettings)
+
+    @property
+    def store_file(self) -> str:
+        """The store's file: ``persistence.file``, or ``store.sqlite3`` in ``node.data_dir``."""
+        return self.persistence.file or str(Path(self.node.data_dir) / STORE_FILE_NAME)
 
     @property
     def allow_anonymous(self) -> bool:
@@ -1254,6 +1295,7 @@ _SECTIONS = (
     "authorization",
     "log",
     "sys_topics",
+    "persistence",
 )
 
 
@@ -1278,6 +1320,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     authentication = _parse_authentication_into(document.get("authentication"), "authentication", problems)
     log = _build(LogSettings, document.get("log"), "log", problems)
     sys_topics = _build(SysTopicsSettings, document.get("sys_topics"), "sys_topics", problems)
+    persistence = _build(PersistenceSettings, document.get("persistence"), "persistence", problems)
     policy_raw = document.get("authentication_policy")
     policy = _build(AuthenticationPolicy, policy_raw, "authentication_policy", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
@@ -1301,6 +1344,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         authentication_policy=policy,
         log=log,
         sys_topics=sys_topics,
+        persistence=persistence,
     )
 
 
@@ -1375,6 +1419,7 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "authorization": _dump_dataclass(settings.authorization),
         "log": _dump_dataclass(settings.log),
         "sys_topics": _dump_dataclass(settings.sys_topics),
+        "persistence": _dump_dataclass(settings.persistence),
     }
 
 

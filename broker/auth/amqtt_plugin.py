@@ -84,6 +84,8 @@ class AmqttPluginAuthenticator:
     """
 
     name = "amqtt_plugin"
+    #: The plugin is given the username with the password and decides on both.
+    proves_username = True
 
     def __init__(self, settings: AmqttPluginSettings) -> None:
         self._settings = settings

@@ -75,6 +75,10 @@ class Authenticator(Protocol):
     #: How logs, metrics and audit records name it: ``password_based:built_in_database``,
     #: ``password_based:password_file``, ``password_based:http``, ``jwt``, ``amqtt_plugin``.
     name: str
+    #: Whether its ``allow`` proves the CONNECT's username (a password checked for that user; a
+    #: token whose claims name it; a callout that was sent it). Only a proven username matches
+    #: rules that name one, fills ``${username}`` and owns a session.
+    proves_username: bool
 
     async def start(self) -> None:
         """Set up (open an HTTP session, read a file).

@@ -334,6 +334,7 @@ class BuiltinAuthenticator:
     """Checks user names and passwords against the :class:`UserStore`."""
 
     name = "password_based:built_in_database"
+    proves_username = True
 
     def __init__(self, store: UserStore, checks: PasswordChecks) -> None:
         self.store = store

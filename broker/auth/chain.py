@@ -8,7 +8,11 @@
   gets 0x88 / 3 (server unavailable) and the failure is *not* held against its address; else no
   authenticator knows the client: 0x86 / 4, like a wrong password (no user enumeration).
 - With no authenticator at all every client is admitted, and its username proves nothing: rules
-  that name a username never match it (``Decision.authenticated`` is False).
+  that name a username never match it (``Decision.authenticated`` is False). With only SCRAM
+  configured, a client that does not use it is refused (0x87 / 5).
+- An ``allow`` proves the username only when the authenticator could check it
+  (``Authenticator.proves_username``): a JWT whose claims do not name it, or an HTTP callout
+  that is not sent it, admits the client with an unproven username.
 
 Pure decisions over the :class:`~broker.auth.base.Authenticator` protocol; the engine calls
 :meth:`AuthChain.decide_now` first and awaits :meth:`AuthChain.authenticate` only when needed.
@@ -124,6 +128,13 @@ class AuthChain:
                 "anonymous clients are not allowed (authentication_policy.allow_anonymous)",
             )
         if not self.authenticators:
+            if self.enhanced:  # only MQTT 5 enhanced authentication (SCRAM) is configured
+                methods = ", ".join(sorted(self.enhanced))
+                return Decision(
+                    reasons.NOT_AUTHORIZED,
+                    "auth_method",
+                    f"this broker authenticates with {methods} only (MQTT 5 enhanced authentication)",
+                )
             return UNPROVEN
         return None
 
@@ -137,7 +148,7 @@ class AuthChain:
             if verdict.outcome is Outcome.ALLOW:
                 return Decision(
                     reasons.SUCCESS,
-                    authenticated=True,
+                    authenticated=authenticator.proves_username and credentials.username is not None,
                     is_superuser=verdict.is_superuser,
                     by=authenticator.name,
                 )

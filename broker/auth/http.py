@@ -262,6 +262,8 @@ class HttpAuthenticator:
 
     def __init__(self, settings: HttpAuthSettings) -> None:
         self._caller = _HttpCaller(settings, AUTHENTICATION_PLACEHOLDERS, "http authentication")
+        #: The server can only vouch for a username it is sent.
+        self.proves_username = "username" in self._caller.used
 
     async def start(self) -> None:
         """Open the HTTP session.

@@ -82,6 +82,12 @@ class JwtAuthenticator:
 
     def __init__(self, settings: JwtSettings) -> None:
         self._settings = settings
+        #: A token proves the username only when it carries it: as the username field itself, or
+        #: in a claim that must equal ``${username}``. Otherwise a token for one device would
+        #: let its holder claim any username (and the rules that name it).
+        self.proves_username = settings.token_from == "username" or any(  # noqa: S105 - a field name
+            "${username}" in template for template in settings.verify_claims.values()
+        )
         self._key: Any = None  # bytes (HMAC) or a cryptography public key, set by start()
         self._algorithms: tuple[str, ...] = ()
 

@@ -93,6 +93,7 @@ class PasswordFileAuthenticator:
     """Users and hashes from a ``mosquitto_passwd`` file, reloaded when it changes."""
 
     name = "password_based:password_file"
+    proves_username = True
 
     def __init__(self, settings: PasswordFileSettings, checks: PasswordChecks) -> None:
         self.path = Path(settings.path)

@@ -145,7 +145,9 @@ def render_url(template: str, values: Mapping[str, str | None]) -> str:
     position = 0
     for match in _PLACEHOLDER.finditer(template):
         parts.append(quote(template[position : match.start()], safe=_URL_LITERAL_SAFE))
-        parts.append(quote(values.get(match.group(1)) or "", safe=""))
+        value = quote(values.get(match.group(1)) or "", safe="")
+        # "." and ".." are unreserved, yet a dot segment would walk the path once normalised.
+        parts.append(value.replace(".", "%2E") if value in (".", "..") else value)
         position = match.end()
     parts.append(quote(template[position:], safe=_URL_LITERAL_SAFE))
     return "".join(parts)

@@ -130,7 +130,14 @@ class Client:
         self.results: queue.Queue[int | None] = queue.Queue()
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
-        self.client.on_connect = lambda c, u, f, rc, p: self.results.put(rc.value)
+        self.reason_string: str | None = None
+
+        def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
+            if p is not None and hasattr(p, "ReasonString"):
+                self.reason_string = p.ReasonString
+            self.results.put(rc.value)
+
+        self.client.on_connect = on_connect
         self.client.on_disconnect = lambda c, u, f, rc, p: self.results.put(None)
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put([r.value for r in rcs])
@@ -229,6 +236,13 @@ def test_builtin_database_right_wrong_unknown_and_anonymous(
     assert attempt(made, route, "a4", "127.0.0.24") == 5  # anonymous: allow_anonymous auto = false
     assert attempt(made, route, "a5", "127.0.0.25", username="alice", password="wrong", v5=True) == 0x86
     assert attempt(made, route, "a6", "127.0.0.26", v5=True) == 0x87
+    assert attempt(made, route, "a7", "127.0.0.26", username="nobody", password="x", v5=True) == 0x86
+    # A wrong password and an unknown user read the same to the client (no user enumeration).
+    told = [made[-3].reason_string, made[-1].reason_string]
+    assert [text.split(" (client ")[0] for text in told if text] == [
+        "bad user name or password [bad_credentials]"
+    ] * 2
+    assert told[0] and "(client 127.0.0.25:" in told[0] and "(client 127.0.0.26:" in (told[1] or "")
     assert_refused_by_address(broker, route, "127.0.0.22", "a2")
     info = json.loads(ctl(broker, "clients", "show", "a1", "--json").stdout)
     assert (info["ip_address"], info["authenticated"], info["proxy_address"]) == (
@@ -377,6 +391,8 @@ def test_jwt_valid_expired_forged_and_claims(
     assert attempt(made, route, "dev-4", "127.0.0.43", username="dev", password=token("dev-1")) == 4
     assert_refused_by_address(broker, route, "127.0.0.41", "dev-2")
     assert forged not in broker.output()
+    # The claims name the client id, not the username: "dev" is admitted but not proven.
+    assert json.loads(ctl(broker, "clients", "show", "dev-1", "--json").stdout)["authenticated"] is False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -634,7 +650,7 @@ def scram_connect(
 
 @pytest.mark.parametrize("method", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_scram_enhanced_authentication(
-    start_broker: BrokerFactory, via: Callable[[BrokerProcess], Route], method: str
+    start_broker: BrokerFactory, via: Callable[[BrokerProcess], Route], made: list[Client], method: str
 ) -> None:
     algorithm = "sha256" if method.endswith("256") else "sha512"
     broker = start(
@@ -660,6 +676,16 @@ def test_scram_enhanced_authentication(
     pipe.close()
     assert code == 0x86
     assert_refused_by_address(broker, route, "127.0.0.48", "s2")
+    # Only SCRAM is configured: a client with a plain username and password is refused.
+    assert (
+        attempt([], route, "plain", "127.0.0.49", username="scram-user", password="pencil", v5=True) == 0x87
+    )
+    # A ban on the username applies though SCRAM learns it only at the end of the exchange.
+    assert ctl(broker, "banned", "add", "username", "scram-user").returncode == 0
+    code, pipe = scram_connect(route, "127.0.0.49", "s5", method, "scram-user", "pencil")
+    pipe.close()
+    assert code == 0x8A
+    assert ctl(broker, "banned", "delete", "username", "scram-user").returncode == 0
     other = "SCRAM-SHA-512" if method.endswith("256") else "SCRAM-SHA-256"
     code, pipe = scram_connect(route, "127.0.0.49", "s4", other, "scram-user", "pencil")
     pipe.close()

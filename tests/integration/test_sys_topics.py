@@ -72,3 +72,24 @@ def test_client_events_carry_the_real_address(
     finally:
         nginx.stop()
     nosy.expect_nothing()
+
+
+def test_sys_needs_a_rule_or_a_source_that_says_allow(start_broker: BrokerFactory, clients: Clients) -> None:
+    """A source that fails (or ignores) leaves no_match to decide ordinary topics, never $SYS."""
+    import socket
+
+    with socket.socket() as probe:  # nobody listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    source = {"type": "http", "url": f"http://127.0.0.1:{port}/acl", "request_timeout": "2s"}
+    broker = start_broker(
+        broker_config(
+            tcp={"default": listener_config()},
+            sys_topics={"enable": True},
+            authorization={"sources": [source], "no_match": "allow"},
+        ),
+        log_level="info",
+    )
+    client = clients.new("curious").connect("127.0.0.1", broker.port("tcp:default"))
+    assert client.subscribe("$SYS/#") == [0x80]
+    assert client.subscribe("plain/#") == [0]  # no_match: allow, the source being down

@@ -28,6 +28,7 @@ class Fake:
     verdict: Verdict = IGNORE
     fail_start: bool = False
     events: list[str] = field(default_factory=list)
+    proves_username: bool = True
 
     async def start(self) -> None:
         if self.fail_start:
@@ -104,7 +105,8 @@ async def test_a_password_without_username_goes_to_the_chain() -> None:
     creds = credentials(None, b"token")
     assert chain.decide_now(creds) is None
     decision = await chain.authenticate(creds)
-    assert decision.admitted and decision.authenticated and fake.events == ["authenticate"]
+    assert decision.admitted and fake.events == ["authenticate"]
+    assert not decision.authenticated  # no username: nothing to prove
 
 
 @pytest.mark.parametrize(
@@ -214,3 +216,19 @@ async def test_a_failed_start_closes_the_ones_started_and_names_the_one_that_fai
     assert second.events == ["start", "close"]
     assert broken.events == []
     assert never.events == []  # neither started nor closed
+
+
+async def test_an_allow_that_cannot_prove_the_username_leaves_it_unproven() -> None:
+    """A JWT whose claims do not name the username (or an HTTP callout not sent it) admits the
+    client, but its claimed username matches no rule and owns no session."""
+    chain = AuthChain([Fake("jwt", ALLOW, proves_username=False)], allow_anonymous=False)
+    decision = await chain.authenticate(credentials("admin"))
+    assert (decision.admitted, decision.authenticated) == (True, False)
+    proven = await AuthChain([Fake("db", ALLOW)], allow_anonymous=False).authenticate(credentials("admin"))
+    assert proven.authenticated is True
+
+
+def test_scram_only_refuses_clients_that_do_not_use_it() -> None:
+    chain = AuthChain([], allow_anonymous=False, enhanced={"SCRAM-SHA-256": lambda: None})  # type: ignore[dict-item]
+    decision = chain.decide_now(credentials("admin", b"whatever"))
+    assert decision is not None and (decision.code, decision.admitted) == (0x87, False)

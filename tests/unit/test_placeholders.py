@@ -303,3 +303,9 @@ def test_authorization_values() -> None:
     assert (values["action"], values["topic"], values["qos"]) == ("subscribe", "a/+/#", "2")
     assert values["peerhost"] == "203.0.113.7"
     assert "s3cret" not in values.values()
+
+
+def test_a_dot_segment_value_cannot_walk_the_path() -> None:
+    url = render_url("http://h/users/${username}/check", {"username": ".."})
+    assert url == "http://h/users/%2E%2E/check"
+    assert render_url("http://h/u/${username}", {"username": "a.b"}) == "http://h/u/a.b"
