@@ -22,21 +22,13 @@ def config_warnings(settings: Settings) -> list[str]:
             "authentication: no authenticator is configured: EVERY client is admitted, and any "
             "client may claim any username (configure authentication, see README 'Authentication')"
         )
-    named = [
-        f"authorization.rules[{index}]"
-        for index, rule in enumerate(settings.authorization.rules)
-        if rule.username is not None or any("${username}" in topic for topic in rule.topics)
-    ]
+    named = _rules_naming(settings, "username")
     if named and not authenticators:
         warnings.append(
             f"{', '.join(named)}: rules name usernames but nothing authenticates them: they never "
             "match (a username only counts once an authenticator has proven it)"
         )
-    by_client = [
-        f"authorization.rules[{index}]"
-        for index, rule in enumerate(settings.authorization.rules)
-        if rule.clientid is not None or any("${clientid}" in topic for topic in rule.topics)
-    ]
+    by_client = _rules_naming(settings, "clientid")
     if by_client and not authenticators:
         warnings.append(
             f"{', '.join(by_client)}: rules name client ids but nothing authenticates clients: "
@@ -89,3 +81,14 @@ def _admin_warnings(settings: Settings) -> list[str]:
             "token (use e.g. `openssl rand -hex 32`)"
         )
     return warnings
+
+
+def _rules_naming(settings: Settings, field: str) -> list[str]:
+    """The paths of the rules that name a ``username`` / ``clientid``, as a condition or a
+    placeholder in their topics."""
+    placeholder = f"${{{field}}}"
+    return [
+        f"authorization.rules[{index}]"
+        for index, rule in enumerate(settings.authorization.rules)
+        if getattr(rule, field) is not None or any(placeholder in topic for topic in rule.topics)
+    ]

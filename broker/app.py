@@ -115,6 +115,29 @@ def make_authorizer(settings: Settings, sources: list[HttpAuthorizationSource]) 
     )
 
 
+async def start_authentication(auth: AuthChain, sources: list[HttpAuthorizationSource]) -> None:
+    """Start the chain, then each authorization source; on a failure what was started is closed.
+
+    Raises:
+        AuthError: one cannot be set up (the message names it: the authenticator, or the source's
+            index in ``authorization.sources``).
+    """
+    await auth.start()
+    for index, source in enumerate(sources):
+        try:
+            await source.start()
+        except AuthError as exc:
+            await close_authentication(auth, sources[:index])
+            raise AuthError(f"authorization.sources[{index}]: {exc}") from None
+
+
+async def close_authentication(auth: AuthChain, sources: list[HttpAuthorizationSource]) -> None:
+    """Close a chain and its sources."""
+    await auth.close()
+    for source in sources:
+        await source.close()
+
+
 #: Seconds a chain replaced by a reload stays open, for the authentications under way with it
 #: (longer than an HTTP authenticator's default request_timeout).
 RETIRE_AFTER = 30.0
@@ -213,8 +236,8 @@ class BrokerApp:
         self._retired: list[tuple[AuthChain, list[HttpAuthorizationSource]]] = []
         self._reloads: set[asyncio.Task[Any]] = set()
         self._purger: asyncio.Task[None] | None = None
+        #: Whether self.auth and self.sources are started (and must be closed).
         self._auth_started = False
-        self._sources_started: list[HttpAuthorizationSource] = []
 
     async def start(self) -> None:
         """Open the store, start the engine with the retained messages it kept, every listener,
@@ -247,18 +270,11 @@ class BrokerApp:
                 f"audit.file: cannot open {self.settings.audit.file}: {exc.strerror}"
             ) from None
         try:
-            await self.auth.start()
-            self._auth_started = True
-            for index, source in enumerate(self.sources):
-                try:
-                    await source.start()
-                except AuthError as exc:
-                    raise AuthError(f"authorization.sources[{index}]: {exc}") from None
-                self._sources_started.append(source)
+            await start_authentication(self.auth, self.sources)
         except AuthError as exc:
-            await self._close_auth()
             self.audit_log.close()
             raise StartupError(str(exc)) from None
+        self._auth_started = True
         for warning in config_warnings(self.settings):
             logger.warning("%s", warning)
         await self.engine.start()
@@ -387,22 +403,12 @@ class BrokerApp:
             ]
         sources = make_sources(new)
         auth = make_auth_chain(new, self.users, self.password_checks)
-        started: list[HttpAuthorizationSource] = []
         try:
-            await auth.start()
-            for index, source in enumerate(sources):
-                try:
-                    await source.start()
-                except AuthError as exc:
-                    raise AuthError(f"authorization.sources[{index}]: {exc}") from None
-                started.append(source)
+            await start_authentication(auth, sources)
         except AuthError as exc:
-            await auth.close()
-            for source in started:
-                await source.close()
             result["errors"] = [f"{self.config_path}: {exc}"]
             return result
-        old_auth, old_sources = self.auth, self._sources_started
+        old_auth, old_sources = self.auth, self.sources
         # The listeners running stay as they are; each takes its access rules and per-address
         # limits from the new file (one that the file no longer names keeps its own).
         renamed = {listener.id: listener for listener in new.listeners}
@@ -419,7 +425,7 @@ class BrokerApp:
         )
         self.gatekeeper.update(dataclasses.replace(new, listeners=running))
         self.engine.reconfigure(new.mqtt, make_authorizer(new, sources), auth, sources)
-        self.auth, self.sources, self._sources_started = auth, sources, started
+        self.auth, self.sources = auth, sources
         if new.log.level != self.settings.log.level:
             logs.set_level(new.log.level)
         # Authentications and source requests already under way finish with the old ones.
@@ -464,21 +470,14 @@ class BrokerApp:
         await asyncio.sleep(RETIRE_AFTER)
         if (auth, sources) in self._retired:
             self._retired.remove((auth, sources))
-            await auth.close()
-            for source in sources:
-                await source.close()
+            await close_authentication(auth, sources)
 
     async def _close_auth(self) -> None:
         while self._retired:  # replaced by reloads and not closed yet
-            auth, sources = self._retired.pop()
-            await auth.close()
-            for source in sources:
-                await source.close()
+            await close_authentication(*self._retired.pop())
         if self._auth_started:
             self._auth_started = False
-            await self.auth.close()
-        while self._sources_started:
-            await self._sources_started.pop().close()
+            await close_authentication(self.auth, self.sources)
 
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (each one's audit record written), drop what is

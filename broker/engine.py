@@ -256,15 +256,25 @@ class Engine:
         self.auth = auth
         self._sources = tuple(sources)
         for client_id, channel in self._connected.items():
-            username = channel.username if channel.authenticated else None
-            rules = (
-                None
-                if channel.is_superuser
-                else authorizer.for_client(client_id, username, channel.address.ip)
+            rules = self._rules_for(
+                client_id,
+                channel.username,
+                channel.address.ip,
+                authenticated=channel.authenticated,
+                superuser=channel.is_superuser,
             )
             channel.rules = rules
             if channel.session is not None:
                 channel.session.rules = rules
+
+    def _rules_for(
+        self, client_id: str, username: str | None, ip: str, *, authenticated: bool, superuser: bool
+    ) -> ClientRules | None:
+        """A client's compiled rules: none for a superuser; only a proven username can match rules
+        that name one, or fill ``${username}``."""
+        if superuser:
+            return None
+        return self._authorizer.for_client(client_id, username if authenticated else None, ip)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -362,20 +372,19 @@ class Engine:
             self._refuse(channel, connect, Refusal("client_id", message, reasons.CLIENT_IDENTIFIER_NOT_VALID))
             return
         username = connect.username
+        tls = channel.address.tls
+        verified_cn = tls.cert_cn if tls is not None and tls.cert_verified else None
         certified = None
         if channel.listener_id in self._cert_username:
             # peer_cert_as_username: cn. The username is the verified certificate's CN, whatever
             # the client sent; without one the client has no username (it cannot claim one).
-            tls = channel.address.tls
-            certified = tls.cert_cn if tls is not None and tls.cert_verified and tls.cert_cn else None
-            username = certified
+            certified = username = verified_cn or None
         ip = channel.address.ip
         if self.gatekeeper is not None:
             refusal = self.gatekeeper.check_client(channel.listener_id, ip, client_id, username)
             if refusal is not None:
                 self._refuse(channel, connect, refusal, client_id=client_id, username=username)
                 return
-        tls = channel.address.tls
         credentials = Credentials(
             client_id,
             username,
@@ -383,7 +392,7 @@ class Engine:
             channel.address,
             channel.listener_id,
             connect.proto_level,
-            tls.cert_cn if tls is not None and tls.cert_verified else None,
+            verified_cn,
         )
         admission = Admission(connect, client_id, username, assigned, credentials)
         if method is not None:
@@ -468,12 +477,12 @@ class Engine:
                 channel.credentials = dataclasses.replace(
                     admission.credentials, username=admission.username, password=None
                 )
-            # Only a proven username can match rules that name one, or fill ${username}.
-            username = admission.username if decision.authenticated else None
-            rules = (
-                None
-                if decision.is_superuser
-                else self._authorizer.for_client(admission.client_id, username, channel.address.ip)
+            rules = self._rules_for(
+                admission.client_id,
+                admission.username,
+                channel.address.ip,
+                authenticated=decision.authenticated,
+                superuser=decision.is_superuser,
             )
             will = admission.connect.will
             if (
@@ -1359,13 +1368,11 @@ class Engine:
         return [message for _, message in itertools.islice(self._retained.match(topic_filter), limit)]
 
     def retained_get(self, topic: str) -> Message | None:
-        """The retained message of ``topic``, if any. Never raises."""
-        return self._retained.get(topic) if topic and not set(topic) & {"+", "#"} else None
+        """The retained message of ``topic``, if any (a filter is no topic: None). Never raises."""
+        return self._retained.get(topic)
 
     def retained_delete(self, topic: str) -> bool:
         """Drop the retained message of ``topic``; False if there was none. Never raises."""
-        if not topic or set(topic) & {"+", "#"}:
-            return False
         return self._forget_retained(topic)
 
     async def kick(self, client_id: str, reason: str = "kicked") -> bool:

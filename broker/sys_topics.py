@@ -139,7 +139,9 @@ class SysTopics(EngineHooks):
     ``publish`` is the engine's ``publish`` (route, and keep if retained); ``source`` the engine;
     ``started`` the :func:`time.monotonic` time the broker started (``clock``'s time base);
     ``wall`` gives the events' ``ts``. The hooks never raise: the engine calls them inline, in the
-    middle of admitting or detaching a client.
+    middle of admitting or detaching a client. Refused CONNECTs publish nothing (``refused`` and
+    ``auth_failed`` are ``EngineHooks``' no-ops): they are counted (``connects/refused/<reason>``)
+    and audited, and an event per refusal would let a flood of them flood the subscribers too.
     """
 
     def __init__(
@@ -199,28 +201,6 @@ class SysTopics(EngineHooks):
     def disconnected(self, view: SessionView, reason: str) -> None:
         """A client's connection ended: ``.../clients/<clientid>/disconnected`` with ``reason``."""
         self._event(view, "disconnected", reason)
-
-    def refused(
-        self,
-        listener_id: str,
-        address: ClientAddress,
-        reason: str,
-        client_id: str | None,
-        username: str | None,
-    ) -> None:
-        """Nothing: a refusal is counted (``connects/refused/<reason>``) and audited, and an event
-        per refused CONNECT would let a flood of them flood the subscribers too."""
-
-    def auth_failed(  # noqa: PLR0917 - EngineHooks' signature
-        self,
-        listener_id: str,
-        address: ClientAddress,
-        refusal: Refusal,
-        client_id: str,
-        username: str | None,
-        by: str,
-    ) -> None:
-        """Nothing, as :meth:`refused` (the audit log's ``auth_failed`` is the record of it)."""
 
     def event_topic(self, client_id: str, event: str) -> str:
         """The topic of ``event`` (``connected``/``disconnected``) for ``client_id``, escaped as the
