@@ -16,8 +16,9 @@ What differs, on purpose: the ``Session`` a plugin is given carries the *real* c
 (``remote_address``/``remote_port`` from the listener's :class:`~listeners.address.ClientAddress`,
 never the proxy's), and is built afresh for each CONNECT (amqtt 0.12.1 kept a resumed session's
 stale peer: README "How it is built", tests/integration/test_amqtt_faults.py). amqtt's broker
-state (sessions, retained messages, ``broadcast_message``) is not reachable from the context: this broker hosts plugins for
-authentication only, and a plugin that reaches for it fails with an ``AttributeError`` naming what
+state (sessions, retained messages, ``broadcast_message``) is not reachable from the context:
+this broker hosts plugins for authentication only, and a plugin that reaches for it fails with an
+``AttributeError`` naming what
 it wanted.
 """
 
