@@ -206,7 +206,7 @@ class BrokerApp:
             authorizer=make_authorizer(settings, self.sources),
             auth=self.auth,
             sources=self.sources,
-            store=self.store,
+            store=self.store if settings.persistence.enable else None,
         )
         self.sys_topics: SysTopics | None = None
         if sys_settings.enable:
@@ -280,11 +280,17 @@ class BrokerApp:
         await self.engine.start()
         try:  # before any listener: the first subscriber sees what was retained before the stop
             restored = self.engine.restore_retained(await self.store.load_retained())
+            sessions = self.engine.restore_sessions(await self.store.load_sessions())
         except StoreError as exc:
             await self.stop()
             raise StartupError(f"persistence.file: {exc}") from None
         if self.settings.persistence.enable:
-            logger.info("%d retained message(s) restored from %s", restored, self.store.location)
+            logger.info(
+                "%d retained message(s) and %d session(s) restored from %s",
+                restored,
+                sessions,
+                self.store.location,
+            )
         if self.sys_topics is not None:  # the retained figures exist before the first client
             self.sys_topics.start(self.engine.loop)
         self._purger = asyncio.create_task(self._purge_bans())

@@ -32,14 +32,29 @@ from broker.auth.base import AuthorizationSource, Credentials, Outcome
 from broker.auth.chain import AuthChain, Decision
 from broker.authorization import Authorizer, ClientRules, valid_filter
 from broker.channel import Channel, ChannelState
-from broker.core.session import NOT_AUTHORIZED, Delivery, Message, Session, SharedGroup, SubOptions
+from broker.core.session import (
+    EXPIRED,
+    NOT_AUTHORIZED,
+    QUEUE_FULL,
+    Delivery,
+    Message,
+    Session,
+    SharedGroup,
+    SubOptions,
+)
 from broker.core.topics import RetainedStore, SubscriptionTrie
 from broker.errors import RealIPError
 from broker.logs import Throttle
 from broker.metrics import MessageCounters
 from broker.mqtt import packets as mp
 from broker.mqtt import reasons
-from broker.store.base import Store, StoredMessage
+from broker.store.base import (
+    Store,
+    StoredMessage,
+    StoredSession,
+    StoredWill,
+    properties_to_json,
+)
 
 if TYPE_CHECKING:
     from broker.settings import ListenerSettings, MqttSettings
@@ -167,7 +182,9 @@ class _NoHooks(EngineHooks):
 
 
 class EngineSession(Session):
-    """A session and what the engine keeps beside it: its connection, rules and expiry timer."""
+    """A session and what the engine keeps beside it: its connection, rules and expiry timer, and
+    the store that keeps it while it is persistent (every change of what a restart must bring back
+    is told to it: the :class:`~broker.core.session.Session` hooks, :meth:`stored`)."""
 
     def __init__(self, client_id: str, settings: MqttSettings, *, persistent: bool) -> None:
         super().__init__(
@@ -191,6 +208,55 @@ class EngineSession(Session):
         #: The authenticated username that made it (None: made by a client that proved none);
         #: only that user (or a superuser) may continue it.
         self.owner: str | None = None
+        #: The store keeping it (None: not persistent, or persistence is off).
+        self.store: Store | None = None
+        #: What its rules were compiled for (its last client's), so that a restart compiles the same.
+        self.username: str | None = None
+        self.authenticated = False
+        self.superuser = False
+        self.ip = ""
+        #: When its last client went (wall clock; None while one is connected).
+        self.disconnected_at: float | None = None
+        #: The connected client's will as a store keeps it (published after a restart if the broker
+        #: stopped under it without a clean stop).
+        self.connection_will: StoredWill | None = None
+
+    def _saved(self, delivery: Delivery) -> None:
+        if self.store is not None:
+            self.store.put_delivery(self.client_id, delivery)
+
+    def _removed(self, delivery: Delivery) -> None:
+        if self.store is not None:
+            self.store.delete_delivery(self.client_id, delivery.seq)
+
+    def _changed(self) -> None:
+        if self.store is not None:
+            self.store.put_session(self)
+
+    def stored(self, *, loop_now: float, wall_now: float) -> StoredSession:
+        """Its own state as a store keeps it (:class:`~broker.store.base.SessionState`). Never raises."""
+        will = None
+        if self.channel is not None:
+            will = self.connection_will
+        elif self.pending_will is not None and self.will_timer is not None:
+            try:
+                message = StoredMessage.from_message(self.pending_will, loop_now=loop_now, wall_now=wall_now)
+            except ValueError as exc:  # the decoder makes only storable values: a bug
+                logger.error("will of client %r not saved: %s", self.client_id, exc)
+            else:
+                will = StoredWill(message, 0.0, wall_now + (self.will_timer.when() - loop_now))
+        return StoredSession(
+            self.client_id,
+            self.expiry_interval,
+            None if self.channel is not None else self.disconnected_at,
+            self.owner,
+            self.username,
+            self.authenticated,
+            self.superuser,
+            self.ip,
+            tuple(self.awaiting_rel),
+            will,
+        )
 
 
 class Engine:
@@ -209,7 +275,8 @@ class Engine:
         store: Store | None = None,
     ) -> None:
         """``sources`` are asked (in order) what no authorization rule decides; ``store`` (open) is
-        told every change of a retained message (``None``: they are kept in memory only)."""
+        told every change of a retained message and of a persistent session (``None``: they are
+        kept in memory only)."""
         self.settings = settings
         self._store = store
         self.auth = auth or AuthChain()
@@ -578,6 +645,9 @@ class Engine:
         channel.is_superuser = decision.is_superuser
         if session.owner is None:  # a superuser continuing a user's session leaves it theirs
             session.owner = owner
+        session.username, session.ip = username, ip
+        session.authenticated, session.superuser = decision.authenticated, decision.is_superuser
+        session.disconnected_at = None
         if self.gatekeeper is not None:
             self.gatekeeper.connected(channel.listener_id, ip)
         receive_maximum = int(props.get("receive_maximum", 65535)) if v5 else 65535
@@ -603,6 +673,11 @@ class Engine:
             if rules is not None:
                 # Queued for the session's previous connection, maybe from another address.
                 session.filter_pending(lambda message: rules.allows("subscribe", message.topic))
+        if session.store is not None:
+            session.connection_will = (
+                None if connect.will is None else self._stored_will(channel, connect.will)
+            )
+            session.store.put_session(session)
         connack: dict[str, Any] = {}
         if v5:
             connack = self._connack_properties(
@@ -716,21 +791,45 @@ class Engine:
             if existing.expiry is not None:
                 existing.expiry.cancel()
                 existing.expiry = None
-            existing.expiry_interval = expiry
-            existing.persistent = expiry > 0
+            self._set_expiry(existing, expiry)
             return existing, True
-        session = EngineSession(client_id, self.settings, persistent=expiry > 0)
-        session.expiry_interval = expiry
+        session = self._new_session(client_id)
+        self._set_expiry(session, expiry)
+        return session, False
+
+    def _new_session(self, client_id: str) -> EngineSession:
+        session = EngineSession(client_id, self.settings, persistent=False)
         session.on_drop = lambda reason, delivery: self._dropped(session, reason, delivery)
         self._sessions[client_id] = session
-        return session, False
+        return session
+
+    def _set_expiry(self, session: EngineSession, seconds: float) -> None:
+        """A session's expiry interval: one that outlives its connection is kept in the store (all
+        of it, when it starts to be); one that ends with it is not (forgotten there)."""
+        session.expiry_interval = seconds
+        session.persistent = seconds > 0
+        if self._store is None:
+            return
+        if not session.persistent:
+            if session.store is not None:
+                session.store = None
+                self._store.delete_session(session.client_id)
+            return
+        if session.store is None:
+            session.store = store = self._store
+            store.put_session(session)
+            for topic_filter, options in session.subscriptions.items():
+                store.put_subscription(session.client_id, topic_filter, options)
+            for delivery in session.pending():
+                store.put_delivery(session.client_id, delivery)
+        else:
+            session.store.put_session(session)
 
     def set_session_expiry(self, channel: Channel, seconds: float) -> None:
         """MQTT 5 DISCONNECT changed the session's expiry interval (capped as at CONNECT)."""
         session = channel.session
         if session is not None:
-            session.expiry_interval = min(seconds, self.settings.session_expiry_interval)
-            session.persistent = session.expiry_interval > 0
+            self._set_expiry(session, min(seconds, self.settings.session_expiry_interval))
 
     def detach(self, channel: Channel, reason: str) -> None:
         """A connected channel ended: publish its will unless it said goodbye, keep or discard its
@@ -767,6 +866,10 @@ class Engine:
             self._discard(session)
         elif self._sessions.get(session.client_id) is session:
             session.expiry = self.loop.call_later(session.expiry_interval, self._expire, session)
+            session.disconnected_at = time.time()
+            session.connection_will = None
+            if session.store is not None:
+                session.store.put_session(session)
         self.counters.disconnected[reason] += 1
         logger.info("%s disconnected (%s)", channel.describe(), reason)
         self._hooks.disconnected(view, reason)
@@ -774,6 +877,8 @@ class Engine:
     def _publish_will(self, session: EngineSession) -> None:
         session.will_timer = None
         message, session.pending_will = session.pending_will, None
+        if session.store is not None:
+            session.store.put_session(session)
         if message is not None:
             self.publish(message)
 
@@ -796,6 +901,9 @@ class Engine:
             self._discard(session)
 
     def _discard(self, session: EngineSession) -> None:
+        if session.store is not None:  # forgotten whole, not change by change
+            session.store.delete_session(session.client_id)
+            session.store = None
         if session.will_timer is not None:  # the session ends: a delayed will goes now
             session.will_timer.cancel()
             self._publish_will(session)
@@ -914,13 +1022,35 @@ class Engine:
             interval = properties.pop("message_expiry_interval", None)
             if interval is not None:
                 expires_at = self.loop.time() + interval
+        properties = self._with_address(channel, properties)
+        return Message(topic, payload, qos, retain, channel.client_id, properties or None, expires_at)
+
+    def _with_address(self, channel: Channel, properties: dict[str, Any] | None) -> dict[str, Any] | None:
+        """With ``mqtt.publisher_address_property``: ``properties`` with the publisher's real address
+        as that user property (any client-supplied one of that name removed, so it cannot be forged)."""
         name = self.settings.publisher_address_property
         if name:
             properties = properties or {}
             user = [pair for pair in properties.get("user_property", ()) if pair[0] != name]
             user.append((name, channel.address.peername))
             properties["user_property"] = user
-        return Message(topic, payload, qos, retain, channel.client_id, properties or None, expires_at)
+        return properties
+
+    def _stored_will(self, channel: Channel, will: mp.Will) -> StoredWill | None:
+        """A connected client's will as a persistent session keeps it: published after a restart if
+        the broker stops under the connection (its Message Expiry Interval then counts from the
+        restart: it is kept in the properties). None if it cannot be stored (a bug, logged)."""
+        properties = dict(will.properties)
+        delay = float(properties.pop("will_delay_interval", 0))
+        try:
+            stored_properties = properties_to_json(self._with_address(channel, properties))
+        except ValueError as exc:
+            logger.error("will of client %r not saved: %s", channel.client_id, exc)
+            return None
+        message = StoredMessage(
+            will.topic, will.payload, will.qos, channel.client_id, stored_properties, None, will.retain
+        )
+        return StoredWill(message, delay)
 
     def route(self, message: Message) -> int:
         """Deliver a message to every matching subscriber: one copy per client, at
@@ -1030,6 +1160,8 @@ class Engine:
 
     def _subscribed(self, session: EngineSession, topic_filter: str, options: SubOptions) -> None:
         session.subscriptions[topic_filter] = options
+        if session.store is not None:
+            session.store.put_subscription(session.client_id, topic_filter, options)
         shared = _shared(topic_filter)
         if shared is None:
             self._subscriptions.add(topic_filter, session.client_id, options)
@@ -1042,6 +1174,8 @@ class Engine:
         self._routes.clear()
 
     def _unsubscribed(self, session: EngineSession, topic_filter: str) -> None:
+        if session.store is not None:
+            session.store.delete_subscription(session.client_id, topic_filter)
         shared = _shared(topic_filter)
         if shared is None:
             self._subscriptions.remove(topic_filter, session.client_id)
@@ -1137,6 +1271,120 @@ class Engine:
                 ", ".join(f"{count} {why}" for why, count in sorted(dropped.items())),
             )
         return restored
+
+    def restore_sessions(self, stored_sessions: Iterable[StoredSession]) -> int:
+        """Bring back the persistent sessions the store kept, at start (after the retained messages,
+        before any listener): each offline until its client reconnects, its expiry counting from
+        when its client went (from now for one connected when the broker stopped), its rules
+        compiled for its last client, its subscriptions routing again, its queue trimmed to
+        ``mqtt.max_mqueue_len``. Sessions that expired meanwhile are ended and deleted from the
+        store. A will that fell due meanwhile is published now (after every session is back, so
+        that they get it); one still delayed waits out its delay. Returns how many came back.
+
+        Raises:
+            RuntimeError: the engine is not started.
+        """
+        loop_now, wall_now = self.loop.time(), time.time()
+        due: list[Message] = []
+        restored = 0
+        for stored in stored_sessions:
+            will, at = self._restored_will(stored, loop_now, wall_now)
+            left = stored.ends_at(wall_now) - wall_now
+            if left <= 0 or stored.client_id in self._sessions:
+                if self._store is not None:
+                    self._store.delete_session(stored.client_id)
+                logger.info("stored session of client %r expired while the broker was down", stored.client_id)
+                if will is not None:
+                    due.append(will)
+                continue
+            session = self._restore_session(stored, loop_now, wall_now)
+            session.expiry = self.loop.call_later(left, self._expire, session)
+            if will is not None and at <= loop_now:
+                due.append(will)
+            elif will is not None:
+                session.pending_will = will
+                session.will_timer = self.loop.call_at(at, self._publish_will, session)
+            session.store = self._store
+            if self._store is not None and (stored.disconnected_at is None or will is not None):
+                self._store.put_session(session)  # now offline since this start, its will moved
+            restored += 1
+        for will in due:
+            self.publish(will)
+        if due:
+            logger.info("%d will(s) that fell due while the broker was down published", len(due))
+        return restored
+
+    def _restore_session(self, stored: StoredSession, loop_now: float, wall_now: float) -> EngineSession:
+        """One stored session back in memory (not yet told to the store)."""
+        client_id = stored.client_id
+        session = self._new_session(client_id)
+        session.expiry_interval, session.persistent = stored.expiry_interval, True
+        session.owner, session.username, session.ip = stored.owner, stored.username, stored.ip
+        session.authenticated, session.superuser = stored.authenticated, stored.superuser
+        session.disconnected_at = wall_now if stored.disconnected_at is None else stored.disconnected_at
+        session.rules = self._rules_for(
+            client_id,
+            stored.username,
+            stored.ip,
+            authenticated=stored.authenticated,
+            superuser=stored.superuser,
+        )
+        for subscription in stored.subscriptions:
+            self._subscribed(session, subscription.topic_filter, subscription.to_options())
+        for kept in stored.deliveries:
+            try:
+                message = kept.message.to_message(loop_now=loop_now, wall_now=wall_now)
+            except ValueError as exc:
+                logger.warning("stored message for client %r unusable (%s): dropped", client_id, exc)
+                message = None
+            if message is None:  # expired while the broker was down, or unusable
+                self._store_forget(client_id, kept.seq)
+                session.drops[EXPIRED] += 1
+                self.counters.dropped[EXPIRED] += 1
+                continue
+            delivery = Delivery(message, kept.qos, kept.retain, kept.subscription_ids)
+            delivery.seq = kept.seq
+            if kept.packet_id:
+                delivery.packet_id, delivery.released = kept.packet_id, kept.released
+                session.inflight[kept.packet_id] = delivery
+            else:
+                session.queue.append(delivery)
+        limit = session.max_mqueue_len
+        while limit and len(session.queue) > limit:  # mqtt.max_mqueue_len was lowered
+            oldest = session.queue.popleft()
+            self._store_forget(client_id, oldest.seq)
+            session.drops[QUEUE_FULL] += 1
+            self.counters.dropped[QUEUE_FULL] += 1
+        session.awaiting_rel = dict.fromkeys(stored.awaiting_rel, loop_now)
+        return session
+
+    def _store_forget(self, client_id: str, seq: int) -> None:
+        if self._store is not None:
+            self._store.delete_delivery(client_id, seq)
+
+    def _restored_will(
+        self, stored: StoredSession, loop_now: float, wall_now: float
+    ) -> tuple[Message | None, float]:
+        """A stored session's will and when it is due (the engine's clock), or ``(None, 0)``."""
+        kept = stored.will
+        if kept is None:
+            return None, 0.0
+        try:
+            message = kept.message.to_message(loop_now=loop_now, wall_now=wall_now)
+            if message is None:
+                return None, 0.0  # its Message Expiry Interval ran out
+            properties = message.properties
+            if properties and "message_expiry_interval" in properties:  # a connection's will: from now
+                message.expires_at = loop_now + float(properties.pop("message_expiry_interval"))
+                message.properties = properties or None
+        except (ValueError, TypeError) as exc:
+            logger.warning("stored will of client %r unusable (%s): dropped", stored.client_id, exc)
+            return None, 0.0
+        if kept.due_at is not None:
+            return message, loop_now + (kept.due_at - wall_now)
+        # The broker stopped under the connection: the will goes after its delay, capped by the
+        # session's expiry, from now (MQTT 5 3.1.3.2.2).
+        return message, loop_now + min(kept.delay, stored.expiry_interval)
 
     def subscribe(self, channel: Channel, packet: mp.Subscribe) -> None:
         """Grant or refuse each filter (SUBACK), then send the retained messages of those granted

@@ -79,7 +79,7 @@ class Delivery:
     for retained messages sent for a new subscription [MQTT-3.3.1-8/9].
     """
 
-    __slots__ = ("dup", "message", "packet_id", "qos", "released", "retain", "subscription_ids")
+    __slots__ = ("dup", "message", "packet_id", "qos", "released", "retain", "seq", "subscription_ids")
 
     def __init__(
         self, message: Message, qos: int, retain: bool = False, subscription_ids: tuple[int, ...] = ()
@@ -92,6 +92,8 @@ class Delivery:
         self.packet_id = 0
         self.released = False
         self.dup = False
+        #: A persistent session's store numbers what it keeps (0: never stored), in arrival order.
+        self.seq = 0
 
 
 class SubOptions:
@@ -182,12 +184,15 @@ class Session:
             head = queue[0]
             if head.message.expires_at is not None and now >= head.message.expires_at:
                 queue.popleft()
+                self._removed(head)
                 self._drop(EXPIRED, head)
                 continue
             if head.qos > 0:
                 if len(self.inflight) >= self.max_inflight:
                     break
                 self._send_inflight(head)
+            else:
+                self._removed(head)  # a QoS 0 message is done once written
             queue.popleft()
             out.append(head)
         return out
@@ -213,17 +218,18 @@ class Session:
             if delivery.qos != 2:
                 return False
             delivery.released = True
+            self._saved(delivery)
             return True
         if stage == "pubrec_error":  # MQTT 5: a PUBREC with a failure code ends the flow
             if delivery.qos != 2 or delivery.released:
                 return False
-            del self.inflight[packet_id]
-            return True
-        if stage == "puback" and delivery.qos != 1:
-            return False
-        if stage == "pubcomp" and (delivery.qos != 2 or not delivery.released):
+        elif stage == "puback":
+            if delivery.qos != 1:
+                return False
+        elif delivery.qos != 2 or not delivery.released:  # pubcomp
             return False
         del self.inflight[packet_id]
+        self._removed(delivery)
         return True
 
     def abandon(self, delivery: Delivery, reason: str) -> None:
@@ -231,6 +237,7 @@ class Session:
         Size): its packet id is freed and the drop counted."""
         if delivery.packet_id and self.inflight.get(delivery.packet_id) is delivery:
             del self.inflight[delivery.packet_id]
+        self._removed(delivery)
         self._drop(reason, delivery)
 
     def filter_pending(self, keep: Callable[[Message], bool]) -> int:
@@ -240,18 +247,21 @@ class Session:
         for packet_id, delivery in list(self.inflight.items()):
             if not delivery.released and not keep(delivery.message):
                 del self.inflight[packet_id]
+                self._removed(delivery)
                 self._drop(NOT_AUTHORIZED, delivery)
         kept: deque[Delivery] = deque()
         for delivery in self.queue:
             if keep(delivery.message):
                 kept.append(delivery)
             else:
+                self._removed(delivery)
                 self._drop(NOT_AUTHORIZED, delivery)
         self.queue = kept
         return before - len(self.queue) - len(self.inflight)
 
     def discard(self) -> None:
-        """The session ends (clean session, expiry, kick): what waits is dropped and counted."""
+        """The session ends (clean session, expiry, kick): what waits is dropped and counted (the
+        hooks are not told: whoever keeps the session forgets it whole)."""
         for delivery in [*self.inflight.values(), *self.queue]:
             self._drop(SESSION_DISCARDED, delivery)
         self.inflight.clear()
@@ -273,6 +283,7 @@ class Session:
         if len(waiting) >= self.max_awaiting_rel:
             return None
         waiting[packet_id] = now
+        self._changed()
         return True
 
     def expire_awaiting_rel(self, before: float) -> int:
@@ -284,17 +295,21 @@ class Session:
                 break  # in arrival order: the rest are younger
             del waiting[packet_id]
             gone += 1
+        if gone:
+            self._changed()
         return gone
 
     def release(self, packet_id: int) -> None:
         """A PUBREL: the id is free again (a PUBCOMP is sent either way, MQTT 3.1.1 4.3.3)."""
-        self.awaiting_rel.pop(packet_id, None)
+        if self.awaiting_rel.pop(packet_id, None) is not None:
+            self._changed()
 
     # ---------------------------------------------------------------- internals
 
     def _send_inflight(self, delivery: Delivery) -> None:
         delivery.packet_id = self._next_packet_id()
         self.inflight[delivery.packet_id] = delivery
+        self._saved(delivery)
 
     def _next_packet_id(self) -> int:
         # The window (<= 65535) is smaller than the id space, so a free id always exists.
@@ -309,8 +324,23 @@ class Session:
     def _enqueue(self, delivery: Delivery) -> None:
         queue = self.queue
         if self.max_mqueue_len and len(queue) >= self.max_mqueue_len:
-            self._drop(QUEUE_FULL, queue.popleft())
+            oldest = queue.popleft()
+            self._removed(oldest)
+            self._drop(QUEUE_FULL, oldest)
         queue.append(delivery)
+        self._saved(delivery)
+
+    # Hooks for whoever keeps the session elsewhere (the engine's persistent sessions, in a store);
+    # nothing here. Called on every change of what a restart must bring back.
+
+    def _saved(self, delivery: Delivery) -> None:
+        """``delivery`` was queued, or changed (given a packet id, released by its PUBREC)."""
+
+    def _removed(self, delivery: Delivery) -> None:
+        """``delivery`` left the session: acknowledged, written at QoS 0, dropped."""
+
+    def _changed(self) -> None:
+        """The incoming QoS 2 packet ids awaiting PUBREL changed."""
 
     def _drop(self, reason: str, delivery: Delivery) -> None:
         self.drops[reason] += 1

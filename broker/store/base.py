@@ -1,19 +1,27 @@
 """The persistence seam: what the engine hands a store, and what a store gives back at start.
 
-A :class:`Store` keeps the broker's state across restarts. The engine keeps the truth in memory and
-tells the store every change as it happens (:meth:`Store.put_retained`, :meth:`Store.delete_retained`:
-O(1), never I/O on the event loop); the store writes behind, in batches, and gives everything back
-once at start (:meth:`Store.load_retained`). What ``put_retained`` is handed is the engine's own
-:class:`~broker.core.session.Message`, shared and never changed once made, so that a store converts it
-(:meth:`StoredMessage.from_message`) where it writes, off the loop, not once per publish on it.
+A :class:`Store` keeps the broker's state across restarts: retained messages and persistent
+sessions. The engine keeps the truth in memory and tells the store every change as it happens
+(``put_*`` / ``delete_*``: O(1), never I/O on the event loop); the store writes behind, in batches,
+and gives everything back once at start (:meth:`Store.load_retained`, :meth:`Store.load_sessions`).
+What it is handed are the engine's own objects: a :class:`~broker.core.session.Message` is shared and
+never changed once made, so that a store converts it (:meth:`StoredMessage.from_message`) where it
+writes, off the loop, not once per publish on it; a :class:`~broker.core.session.Delivery` and a
+:class:`SessionState` change, so a store reads them on the loop when it hands a batch over (the
+latest state wins: a QoS 1 delivery queued and acknowledged within one batch is never written).
 :meth:`Store.flush` waits until what was handed over is durable; :meth:`Store.close` (at a clean
 stop) flushes, then lets go of the file or server.
+
+A persistent session is kept as rows a change touches one at a time: the session's own state
+(:class:`StoredSession`: expiry, owner, the address its rules were compiled for, its will, the
+incoming QoS 2 ids awaiting PUBREL), each subscription (:class:`StoredSubscription`), each queued or
+in-flight delivery (:class:`StoredDelivery`, numbered by the store in arrival order,
+``Delivery.seq``). :meth:`Store.delete_session` forgets all of one client id.
 
 Implementations: :class:`NullStore` (``persistence.enable: false``: nothing kept),
 :class:`MemoryStore` (kept in this process only: tests, embedding), ``broker.store.sqlite`` (the
 embedded default, one file in ``node.data_dir``), and later a Redis cluster store behind the same
-protocol. Sessions will join the same way: ``put_session`` / ``delete_session`` / ``load_sessions``,
-the latest state per client id, written in the same batches as retained messages.
+protocol.
 
 A :class:`StoredMessage` is store-neutral: its ``properties`` are JSON-able (binary values as
 ``{"__bytes__": base64}``) and its ``expires_at`` is a wall-clock time (``time.time()``), because the
@@ -29,10 +37,10 @@ import binascii
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from broker.core.session import Message
+from broker.core.session import Delivery, Message, SubOptions
 from broker.errors import RealIPError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +130,8 @@ class StoredMessage:
     publisher: str = ""
     properties: dict[str, Any] | None = None
     expires_at: float | None = None
+    #: Its RETAIN flag (a retained message's is set; a queued delivery's message may not be).
+    retain: bool = True
 
     @classmethod
     def from_message(cls, message: Message, *, loop_now: float, wall_now: float) -> StoredMessage:
@@ -139,6 +149,7 @@ class StoredMessage:
             message.publisher,
             properties_to_json(message.properties),
             None if expires_at is None else wall_now + (expires_at - loop_now),
+            message.retain,
         )
 
     def expired(self, wall_now: float) -> bool:
@@ -159,11 +170,104 @@ class StoredMessage:
             self.topic,
             self.payload,
             self.qos,
-            True,
+            self.retain,
             self.publisher,
             properties_from_json(self.properties),
             expires_at,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSubscription:
+    """One subscription of a persistent session: its filter and options (3.8.3.1)."""
+
+    topic_filter: str
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    identifier: int = 0
+
+    @classmethod
+    def from_options(cls, topic_filter: str, options: SubOptions) -> StoredSubscription:
+        """The stored form of the engine's subscription. Never raises."""
+        return cls(
+            topic_filter, options.qos, options.no_local, options.retain_as_published, options.identifier
+        )
+
+    def to_options(self) -> SubOptions:
+        """The engine's form. Never raises."""
+        return SubOptions(self.qos, self.no_local, self.retain_as_published, self.identifier)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDelivery:
+    """A queued (``packet_id`` 0) or in-flight delivery of a persistent session: its message, the
+    QoS and RETAIN flag it goes with, the subscription identifiers it matched, and for a QoS 2 one
+    whether its PUBREC came (``released``: its PUBREL is what goes out again). ``seq`` orders a
+    session's deliveries as they arrived."""
+
+    seq: int
+    message: StoredMessage
+    qos: int
+    retain: bool = False
+    subscription_ids: tuple[int, ...] = ()
+    packet_id: int = 0
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWill:
+    """A persistent session's will: the message, and when it is published unless the client
+    reconnects first. ``due_at`` is a wall-clock time (a delayed will of a disconnected session);
+    ``None`` means the connection was open when the state was written, so the broker stopped under
+    it: the will goes ``delay`` seconds after the next start (the connection ended without
+    DISCONNECT, MQTT 5 3.1.2.5)."""
+
+    message: StoredMessage
+    delay: float = 0.0
+    due_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """A persistent session's own state, beside its subscriptions and deliveries.
+
+    ``disconnected_at`` is when its client went (wall clock), ``None`` while one is connected (the
+    expiry then counts from the next start). ``owner`` is the authenticated username that made it
+    (:attr:`broker.engine.EngineSession.owner`); ``username``, ``authenticated``, ``superuser`` and
+    ``ip`` are what its authorization rules were compiled for, so that an offline session gets
+    only what its client may read after a restart too. ``awaiting_rel`` are incoming QoS 2 packet
+    ids not yet released.
+    """
+
+    client_id: str
+    expiry_interval: float
+    disconnected_at: float | None = None
+    owner: str | None = None
+    username: str | None = None
+    authenticated: bool = False
+    superuser: bool = False
+    ip: str = ""
+    awaiting_rel: tuple[int, ...] = ()
+    will: StoredWill | None = None
+    subscriptions: tuple[StoredSubscription, ...] = ()
+    deliveries: tuple[StoredDelivery, ...] = ()
+
+    def ends_at(self, wall_now: float) -> float:
+        """When it expires (wall clock), counting a connected one's expiry from ``wall_now``."""
+        gone = wall_now if self.disconnected_at is None else self.disconnected_at
+        return gone + self.expiry_interval
+
+
+class SessionState(Protocol):
+    """What a store is handed for a session's own state: read (:meth:`stored`) when the store hands
+    a batch over, so that many changes within one batch are one write."""
+
+    client_id: str
+
+    def stored(self, *, loop_now: float, wall_now: float) -> StoredSession:
+        """Its state now, without subscriptions and deliveries (kept row by row). Never raises."""
+        ...
 
 
 class Store(Protocol):
@@ -210,6 +314,59 @@ class Store(Protocol):
             RuntimeError: the store is not open.
         """
 
+    async def load_sessions(self) -> list[StoredSession]:
+        """Every persistent session kept, with its subscriptions and deliveries (in ``seq`` order),
+        expired ones included (the engine ends those). Numbers later deliveries after the highest
+        ``seq`` kept.
+
+        Raises:
+            StoreError: it cannot be read.
+        """
+        return []
+
+    def put_session(self, state: SessionState) -> None:
+        """Keep a persistent session's own state (read from ``state`` later). Never blocks.
+
+        Raises:
+            RuntimeError: the store is not open.
+        """
+
+    def delete_session(self, client_id: str) -> None:
+        """Forget everything of ``client_id``'s session: its state, subscriptions and deliveries.
+
+        Raises:
+            RuntimeError: the store is not open.
+        """
+
+    def put_subscription(self, client_id: str, topic_filter: str, options: SubOptions) -> None:
+        """Keep (or replace) one subscription of a persistent session.
+
+        Raises:
+            RuntimeError: the store is not open.
+        """
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None:
+        """Forget one subscription of a persistent session.
+
+        Raises:
+            RuntimeError: the store is not open.
+        """
+
+    def put_delivery(self, client_id: str, delivery: Delivery) -> None:
+        """Keep a queued or in-flight delivery of a persistent session, or its new state (packet id,
+        released); gives it a ``seq`` if it has none.
+
+        Raises:
+            RuntimeError: the store is not open.
+        """
+
+    def delete_delivery(self, client_id: str, seq: int) -> None:
+        """Forget the delivery numbered ``seq`` (it left the session; 0, never kept: nothing to do).
+
+        Raises:
+            RuntimeError: the store is not open.
+        """
+
     async def flush(self) -> None:
         """Return when everything handed over so far is durable.
 
@@ -224,6 +381,24 @@ class Store(Protocol):
         Raises:
             StoreError: what was pending could not be written (the store is closed anyway).
         """
+
+
+def stored_delivery(delivery: Delivery, *, loop_now: float, wall_now: float) -> StoredDelivery:
+    """The stored form of the engine's ``delivery`` (with a ``seq``), clocks as
+    :meth:`StoredMessage.from_message`.
+
+    Raises:
+        ValueError: a property value of a type no property has.
+    """
+    return StoredDelivery(
+        delivery.seq,
+        StoredMessage.from_message(delivery.message, loop_now=loop_now, wall_now=wall_now),
+        delivery.qos,
+        delivery.retain,
+        delivery.subscription_ids,
+        delivery.packet_id,
+        delivery.released,
+    )
 
 
 class NullStore:
@@ -244,6 +419,28 @@ class NullStore:
     def delete_retained(self, topic: str) -> None:
         """Nothing to forget. Never raises."""
 
+    async def load_sessions(self) -> list[StoredSession]:
+        """Nothing was kept. Never raises."""
+        return []
+
+    def put_session(self, state: SessionState) -> None:
+        """Dropped. Never raises."""
+
+    def delete_session(self, client_id: str) -> None:
+        """Nothing to forget. Never raises."""
+
+    def put_subscription(self, client_id: str, topic_filter: str, options: SubOptions) -> None:
+        """Dropped. Never raises."""
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None:
+        """Nothing to forget. Never raises."""
+
+    def put_delivery(self, client_id: str, delivery: Delivery) -> None:
+        """Dropped. Never raises."""
+
+    def delete_delivery(self, client_id: str, seq: int) -> None:
+        """Nothing to forget. Never raises."""
+
     async def flush(self) -> None:
         """Nothing to write. Never raises."""
 
@@ -257,8 +454,21 @@ class MemoryStore:
 
     location = "memory"
 
-    def __init__(self, retained: Mapping[str, StoredMessage] | None = None) -> None:
+    def __init__(
+        self,
+        retained: Mapping[str, StoredMessage] | None = None,
+        sessions: Mapping[str, StoredSession] | None = None,
+    ) -> None:
         self.retained: dict[str, StoredMessage] = dict(retained or {})
+        #: client id -> its state (subscriptions and deliveries empty: kept below)
+        self.sessions: dict[str, StoredSession] = {}
+        self.subscriptions: dict[str, dict[str, StoredSubscription]] = {}
+        self.deliveries: dict[str, dict[int, StoredDelivery]] = {}
+        self._seq = 0
+        for client_id, session in (sessions or {}).items():
+            self.sessions[client_id] = replace(session, subscriptions=(), deliveries=())
+            self.subscriptions[client_id] = {s.topic_filter: s for s in session.subscriptions}
+            self.deliveries[client_id] = {d.seq: d for d in session.deliveries}
 
     async def open(self) -> None:
         """Nothing to open. Never raises."""
@@ -285,6 +495,66 @@ class MemoryStore:
     def delete_retained(self, topic: str) -> None:
         """Forgotten at once. Never raises."""
         self.retained.pop(topic, None)
+
+    async def load_sessions(self) -> list[StoredSession]:
+        """What was put and not deleted, whole, by client id. Never raises."""
+        self._seq = max((seq for kept in self.deliveries.values() for seq in kept), default=self._seq)
+        return [self.session(client_id) for client_id in sorted(self.sessions)]
+
+    def session(self, client_id: str) -> StoredSession:
+        """One session, whole (for tests).
+
+        Raises:
+            KeyError: none is kept for ``client_id``.
+        """
+        return replace(
+            self.sessions[client_id],
+            subscriptions=tuple(self.subscriptions.get(client_id, {}).values()),
+            deliveries=tuple(sorted(self.deliveries.get(client_id, {}).values(), key=lambda d: d.seq)),
+        )
+
+    def put_session(self, state: SessionState) -> None:
+        """Read and kept at once (the engine's clock is the running loop's).
+
+        Raises:
+            RuntimeError: no event loop is running.
+        """
+        loop_now = asyncio.get_running_loop().time()
+        self.sessions[state.client_id] = state.stored(loop_now=loop_now, wall_now=time.time())
+
+    def delete_session(self, client_id: str) -> None:
+        """Forgotten at once. Never raises."""
+        self.sessions.pop(client_id, None)
+        self.subscriptions.pop(client_id, None)
+        self.deliveries.pop(client_id, None)
+
+    def put_subscription(self, client_id: str, topic_filter: str, options: SubOptions) -> None:
+        """Kept at once. Never raises."""
+        self.subscriptions.setdefault(client_id, {})[topic_filter] = StoredSubscription.from_options(
+            topic_filter, options
+        )
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None:
+        """Forgotten at once. Never raises."""
+        self.subscriptions.get(client_id, {}).pop(topic_filter, None)
+
+    def put_delivery(self, client_id: str, delivery: Delivery) -> None:
+        """Converted and kept at once.
+
+        Raises:
+            RuntimeError: no event loop is running.
+        """
+        if not delivery.seq:
+            self._seq += 1
+            delivery.seq = self._seq
+        loop_now = asyncio.get_running_loop().time()
+        self.deliveries.setdefault(client_id, {})[delivery.seq] = stored_delivery(
+            delivery, loop_now=loop_now, wall_now=time.time()
+        )
+
+    def delete_delivery(self, client_id: str, seq: int) -> None:
+        """Forgotten at once. Never raises."""
+        self.deliveries.get(client_id, {}).pop(seq, None)
 
     async def flush(self) -> None:
         """Nothing to write. Never raises."""

@@ -1,9 +1,11 @@
-"""Retained messages survive restarts: the real broker stopped (SIGTERM, kill -9) and started again
-on the same working directory, with real clients; a store file that is not the broker's stops it."""
+"""Retained messages and persistent sessions survive restarts: the real broker stopped (SIGTERM,
+kill -9) and started again on the same working directory, with real clients (paho, and raw sockets
+where a test must hold back an acknowledgement); a store file that is not the broker's stops it."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -12,8 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from paho.mqtt.packettypes import PacketTypes
 
-from tests.integration.test_mqtt5 import V5Clients
+from tests import mqtt_raw as raw
+from tests.integration.test_mqtt5 import V5Clients, props
 from tests.routes import Route
 from tests.support import WAIT, BrokerProcess, Clients, broker_config, listener_config, wait_until
 from tests.unit.test_store_sqlite import _corrupt
@@ -91,7 +95,7 @@ def test_retained_messages_survive_a_clean_restart_and_cleared_ones_stay_cleared
     assert broker.stop() == 0  # SIGTERM: the store is closed after the last connection, written first
 
     again = restart(broker)
-    again.wait_for_log(r"2 retained message\(s\) restored from data/store\.sqlite3")
+    again.wait_for_log(r"2 retained message\(s\) and 0 session\(s\) restored from data/store\.sqlite3")
     assert retained(clients, again, "state/#", 2) == {"state/lamp": b"off", "state/raw": bytes(range(256))}
     # Cleared after a restart: still cleared after the next one.
     clients.new("clearer").connect("127.0.0.1", again.port("tcp:default")).publish(
@@ -202,3 +206,190 @@ def test_with_persistence_off_nothing_is_kept(
     again = restart(broker)
     assert "restored" not in again.output()
     assert retained(clients, again, "off/#", 0) == {}
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+
+def stored_rows(broker: BrokerProcess, query: str) -> list[tuple[Any, ...]]:
+    """Rows of the store's file, read as another process would (read-only, while it runs)."""
+    path = broker.workdir / STORE
+    if not path.exists():
+        return []
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return connection.execute(query).fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        connection.close()
+
+
+def raw_connect(broker: BrokerProcess, client_id: str, *, clean: bool) -> tuple[socket.socket, bool]:
+    """A raw 3.1.1 connection (it acknowledges nothing by itself), and CONNACK's session present."""
+    sock = socket.create_connection(("127.0.0.1", broker.port("tcp:default")), timeout=WAIT)
+    sock.sendall(raw.connect(client_id, clean=clean))
+    kind, body = raw.read_packet(sock)
+    assert (kind, body[1]) == (0x20, 0), f"CONNACK {kind:#x} {body!r}"
+    return sock, bool(body[0] & 1)
+
+
+def read_publish(sock: socket.socket) -> tuple[str, bytes, int, bool, int]:
+    """The next packet, a QoS 1/2 PUBLISH: (topic, payload, qos, dup, packet id)."""
+    kind, body = raw.read_packet(sock)
+    assert kind >> 4 == 3, f"expected PUBLISH, got {kind:#x}"
+    qos = (kind >> 1) & 3
+    length = int.from_bytes(body[:2], "big")
+    topic = body[2 : 2 + length].decode()
+    packet_id = int.from_bytes(body[2 + length : 4 + length], "big")
+    return topic, body[4 + length :], qos, bool(kind & 0x08), packet_id
+
+
+def test_a_session_and_its_queue_survive_a_clean_restart(
+    start_broker: BrokerFactory, restart: Restart, clients: Clients
+) -> None:
+    broker = start_broker(config(flush_interval="1h"))  # only the stop can write them
+    port = broker.port("tcp:default")
+    subscriber = clients.new("keeper", clean_session=False).connect("127.0.0.1", port)
+    assert subscriber.subscribe("orders/#", 1) == [1]
+    assert subscriber.subscribe("alerts", 2) == [2]
+    subscriber.close()
+    publisher = clients.new("shop").connect("127.0.0.1", port)
+    for n in range(3):
+        publisher.publish("orders/new", f"order {n}".encode(), qos=1)
+    publisher.publish("alerts", b"fire", qos=2)
+    publisher.publish("orders/new", b"qos 0, offline", qos=0)
+    publisher.close()
+    assert stored_rows(broker, "SELECT client_id FROM sessions") == []  # all pending, in memory
+    assert broker.stop() == 0
+
+    again = restart(broker)
+    again.wait_for_log(r"0 retained message\(s\) and 1 session\(s\) restored from data/store\.sqlite3")
+    port = again.port("tcp:default")
+    back = clients.new("keeper", clean_session=False).connect("127.0.0.1", port)
+    assert back.session_present  # [MQTT-3.2.2-2]
+    got = [back.expect() for _ in range(5)]
+    back.expect_nothing()
+    assert [(m.topic, m.payload, m.qos) for m in got[:3]] == [
+        ("orders/new", b"order 0", 1),
+        ("orders/new", b"order 1", 1),
+        ("orders/new", b"order 2", 1),
+    ]
+    # paho hands a QoS 2 message over at its PUBREL, so the QoS 0 one (queued offline, as
+    # mqtt.mqueue_store_qos0 says) may come first.
+    assert sorted((m.topic, m.payload, m.qos) for m in got[3:]) == [
+        ("alerts", b"fire", 2),
+        ("orders/new", b"qos 0, offline", 0),
+    ]
+    # Its subscriptions came back too: they route what is published after the restart.
+    clients.new("shop2").connect("127.0.0.1", port).publish("orders/late", b"after", qos=1)
+    assert (back.expect().topic, back.expect_nothing()) == ("orders/late", None)
+    back.close()
+    # Delivered: the queue is empty in the store once written (a clean stop writes it).
+    assert again.stop() == 0
+    third = restart(again)
+    assert stored_rows(third, "SELECT count(*) FROM deliveries") == [(0,)]
+    assert stored_rows(third, "SELECT topic_filter FROM subscriptions ORDER BY topic_filter") == [
+        ("alerts",),
+        ("orders/#",),
+    ]
+
+
+def test_in_flight_and_unreleased_qos2_survive_kill_9(
+    start_broker: BrokerFactory, restart: Restart, clients: Clients
+) -> None:
+    broker = start_broker(config(flush_interval="100ms"))
+    subscriber, present = raw_connect(broker, "holder", clean=False)
+    assert not present
+    subscriber.sendall(raw.subscribe(1, ("work/#", 1)))
+    assert raw.read_packet(subscriber)[0] == 0x90  # SUBACK
+    clients.new("boss").connect("127.0.0.1", broker.port("tcp:default")).publish("work/a", b"job", qos=1)
+    topic, payload, qos, dup, packet_id = read_publish(subscriber)  # never acknowledged
+    assert (topic, payload, qos, dup) == ("work/a", b"job", 1, False)
+    # An incoming QoS 2 PUBLISH answered with PUBREC, its PUBREL never sent.
+    sender, _ = raw_connect(broker, "sender", clean=False)
+    sender.sendall(raw.publish("work/b", b"exactly once", qos=2, packet_id=77))
+    assert raw.read_packet(sender) == (0x50, (77).to_bytes(2, "big"))  # PUBREC
+    # The holder gets work/b too (routed on arrival): it stays in flight with work/a.
+    assert read_publish(subscriber)[:2] == ("work/b", b"exactly once")
+    wait_until(
+        lambda: (
+            stored_rows(broker, "SELECT topic, packet_id > 0 FROM deliveries ORDER BY seq")
+            == [("work/a", 1), ("work/b", 1)]
+            and stored_rows(broker, "SELECT state FROM sessions WHERE client_id = 'sender'") != []
+            and '"awaiting_rel": [77]'
+            in stored_rows(broker, "SELECT state FROM sessions WHERE client_id = 'sender'")[0][0]
+        ),
+        what="the in-flight deliveries and the unreleased QoS 2 id in the store's file",
+    )
+    assert broker.stop(signal.SIGKILL) == -signal.SIGKILL
+    subscriber.close()
+    sender.close()
+
+    again = restart(broker)
+    subscriber, present = raw_connect(again, "holder", clean=False)
+    assert present
+    # [MQTT-4.4.0-1] re-sent with DUP=1 and the same packet ids, in order.
+    first, second = read_publish(subscriber), read_publish(subscriber)
+    assert first == ("work/a", b"job", 1, True, packet_id)
+    assert second[:4] == ("work/b", b"exactly once", 1, True)
+    subscriber.sendall(
+        raw.packet(0x40, first[4].to_bytes(2, "big")) + raw.packet(0x40, second[4].to_bytes(2, "big"))
+    )
+    sender, present = raw_connect(again, "sender", clean=False)
+    assert present
+    assert raw.read_packet(sender) == (0x50, (77).to_bytes(2, "big"))  # its PUBREC, again
+    # The re-sent PUBLISH of id 77 is a duplicate, not a new message [MQTT-4.3.3]; PUBREL ends it.
+    sender.sendall(raw.publish("work/b", b"exactly once", qos=2, packet_id=77))
+    assert raw.read_packet(sender) == (0x50, (77).to_bytes(2, "big"))
+    sender.sendall(raw.packet(0x62, (77).to_bytes(2, "big")))
+    assert raw.read_packet(sender) == (0x70, (77).to_bytes(2, "big"))  # PUBCOMP
+    subscriber.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        raw.read_packet(subscriber)  # work/b was not routed a second time
+    subscriber.close()
+    sender.close()
+
+
+def test_expiry_and_wills_across_restarts(start_broker: BrokerFactory, restart: Restart) -> None:
+    broker = start_broker(config(flush_interval="100ms"))
+    v5 = V5Clients(Route(broker, broker.port("tcp:default")))
+    try:
+        watcher = v5.connect("watcher", clean_start=False, SessionExpiryInterval=3600)
+        assert v5.connack(watcher)[0] == 0
+        assert watcher.subscribe("wills/#", 1) == [1]
+        short = v5.connect("short", clean_start=False, SessionExpiryInterval=1)
+        assert v5.connack(short)[0] == 0
+        assert short.subscribe("wills/#", 1) == [1]
+        will = ("wills/dying", b"gone", props(PacketTypes.WILLMESSAGE, WillDelayInterval=0))
+        dying = v5.connect("dying", clean_start=False, will=will, SessionExpiryInterval=600)
+        assert v5.connack(dying)[0] == 0
+        short.close()
+        watcher.close()
+        gone = time.monotonic()
+        wait_until(
+            lambda: (
+                len(stored_rows(broker, "SELECT client_id FROM sessions WHERE state LIKE '%wills/dying%'"))
+                == 1
+                and len(stored_rows(broker, "SELECT client_id FROM sessions")) == 3
+            ),
+            what="three sessions, the connected one with its will, in the store's file",
+        )
+        assert broker.stop(signal.SIGKILL) == -signal.SIGKILL  # under the connection: its will is due
+    finally:
+        v5.close_all()
+    time.sleep(max(0.0, gone + 1.0 - time.monotonic()))  # its known deadline: "short" expired while down
+
+    again = restart(broker)
+    again.wait_for_log(r"stored session of client 'short' expired while the broker was down")
+    again.wait_for_log(r"1 will\(s\) that fell due while the broker was down published")
+    v5 = V5Clients(Route(again, again.port("tcp:default")))
+    try:
+        watcher = v5.connect("watcher", clean_start=False, SessionExpiryInterval=3600)
+        assert v5.connack(watcher)[:2] == (0, True)
+        got = watcher.expect()
+        assert (got.topic, got.payload) == ("wills/dying", b"gone")
+        short = v5.connect("short", clean_start=False, SessionExpiryInterval=1)
+        assert v5.connack(short)[:2] == (0, False)  # it expired: a new session
+    finally:
+        v5.close_all()

@@ -265,11 +265,11 @@ class FailingOnce(SqliteStore):
 
     failed = False
 
-    def _write(self, batch: Any, **clocks: float) -> None:
+    def _write(self, batch: Any, sessions: Any, **clocks: float) -> None:
         if not self.failed:
             self.failed = True
             raise sqlite3.OperationalError("database or disk is full")
-        super()._write(batch, **clocks)
+        super()._write(batch, sessions, **clocks)
 
 
 async def test_a_failed_write_is_kept_and_retried_under_newer_changes(
@@ -281,7 +281,7 @@ async def test_a_failed_write_is_kept_and_retried_under_newer_changes(
     store.put_retained(retained("b", b"b", 0))
     with pytest.raises(StoreError, match=r"store\.sqlite3: cannot write: database or disk is full"):
         await store.flush()
-    assert "2 retained change(s) not written (database or disk is full)" in caplog.text
+    assert "2 retained and 0 session change(s) not written (database or disk is full)" in caplog.text
     assert (store.write_failures, store.pending) == (1, 2)
     store.put_retained(retained("a", b"new", 0))  # newer than the failed batch: it wins
     await store.flush()
@@ -341,7 +341,7 @@ def _corrupt(path: Path) -> None:
         (_foreign, r"an SQLite database, but not a realip-broker store \(its tables: users\)"),
         (_other_application, "another application \\(meta.application is 'someone-else'"),
         (_other_meta, "another application \\(its meta table is not realip-broker's"),
-        (_newer_format, f"format {FORMAT_VERSION + 1}, this version reads format 1 \\(written by a newer"),
+        (_newer_format, f"format {FORMAT_VERSION + 1}, this version reads format 2 \\(written by a newer"),
         (_corrupt, "the store is corrupt"),
     ],
     ids=["text", "bad-header", "foreign", "other-application", "other-meta", "newer-format", "corrupt"],
