@@ -1,4 +1,5 @@
-"""What persisting retained messages costs a publisher: QoS 0 retained publishes, persistence on vs off.
+"""What persistence costs: QoS 0 retained publishes, and QoS 1 messages through a persistent session,
+persistence on vs off.
 
 Two realip-broker processes, rounds alternating between them: one with ``persistence.enable: false``,
 one with the default store (SQLite in ``data/store.sqlite3``, ``flush_interval`` 1s). In each round
@@ -12,6 +13,13 @@ The publishes cycle over the topics of a workload:
 - 50,000 topics (half the default ``mqtt.max_retained_messages``): most of them touched in every
   interval, so every write is tens of thousands of rows.
 
+The second table is the session path: one raw publisher sends ``SESSION_MESSAGES`` QoS 1 messages
+(reading its PUBACKs as they come) to one subscriber whose session is persistent (clean session 0,
+``mqtt.session_expiry_interval``), which acknowledges each delivery at once; a round ends when the
+subscriber has the sentinel. With persistence on, every QoS 1 delivery in flight is handed to the
+store, and forgotten there when its PUBACK comes: only what is still unacknowledged when a batch is
+handed over (every ``flush_interval``) is written.
+
 ``publishes/s`` is counted up to the PINGRESP (what the publisher sees). ``on disc after`` is the
 time from the PINGRESP until the sentinel's row is in the store's file (read-only, as another
 process would): at most ``flush_interval`` plus one write, and since each batch is one transaction,
@@ -20,7 +28,7 @@ up to that point (for the persistent broker its writer thread's work included).
 
     python bench/bench_persistence.py [--quick]
 
-(Not registered in ``bench/run.py``.)
+(``python bench/run.py --only persistence``.)
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from benchlib import (  # noqa: E402
+    CONNACK_OK,
     REALIP,
     BenchError,
     Broker,
@@ -44,8 +53,10 @@ from benchlib import (  # noqa: E402
     RawClient,
     Table,
     median,
+    puback_packet,
     publish_packet,
     read_packet,
+    remaining_length,
     spread,
     start_realip,
 )
@@ -141,6 +152,129 @@ async def run_round(
     return count / (acknowledged - started), cpu / count * 1e6, on_disc
 
 
+#: QoS 1 messages per session round; full and quick.
+SESSION_MESSAGES = {False: 50_000, True: 5_000}
+SESSION_TOPIC = "bench/session"
+
+
+async def persistent_subscriber(port: int) -> RawClient:
+    """The subscriber, connected with clean session 0 (its session outlives it, so it is kept)."""
+    client_id = b"bench-keeper"
+    body = b"\x00\x04MQTT\x04\x00\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x10" + remaining_length(len(body)) + body)
+    connack = await asyncio.wait_for(reader.readexactly(4), TIMEOUT)
+    if connack[:2] != CONNACK_OK[:2] or connack[3] != 0:  # byte 2: session present, either way
+        raise BenchError(f"CONNACK {connack!r} for the persistent subscriber")
+    client = RawClient(reader, writer)
+    await client.subscribe(SESSION_TOPIC + "/#", 1)
+    return client
+
+
+async def session_round(broker: Broker, count: int, round_index: int) -> tuple[float, float]:
+    """(messages/s through the persistent session, broker CPU microseconds per message)."""
+    subscriber = await persistent_subscriber(broker.port)
+    publisher = await RawClient.connect(broker.port, f"bench-spub-{round_index}")
+    sentinel = b"round-%d" % round_index
+    payload = b"x" * PAYLOAD
+    received = 0
+    caught_up = asyncio.Event()
+
+    async def receive() -> None:
+        nonlocal received
+        while True:
+            first, body = await read_packet(subscriber.reader)
+            if first >> 4 != 3:
+                continue
+            length = int.from_bytes(body[:2], "big")
+            packet_id = body[2 + length : 4 + length]
+            subscriber.writer.write(puback_packet(int.from_bytes(packet_id, "big")))
+            received += 1
+            if received % CHUNK == 0:
+                caught_up.set()
+            if body[4 + length :] == sentinel:
+                return
+
+    async def discard_pubacks() -> None:
+        while True:
+            await read_packet(publisher.reader)
+
+    acks = asyncio.create_task(discard_pubacks())
+    try:
+        cpu0 = broker.cpu_seconds()
+        started = time.perf_counter()
+        receiving = asyncio.create_task(receive())
+        topic = f"{SESSION_TOPIC}/{round_index}".encode()
+        async with asyncio.timeout(TIMEOUT):
+            for offset in range(0, count, CHUNK):
+                caught_up.clear()
+                publisher.writer.write(
+                    b"".join(
+                        publish_packet(topic, payload, 1, index % 65535 + 1)
+                        for index in range(offset, min(count, offset + CHUNK))
+                    )
+                )
+                # A chunk at a time, each delivered before the next (the queue never fills: nothing
+                # is dropped, and what is measured is the delivery path, both brokers alike).
+                await caught_up.wait()
+            publisher.writer.write(publish_packet(topic, sentinel, 1, 1))
+            await receiving
+        elapsed = time.perf_counter() - started
+        cpu = broker.cpu_seconds() - cpu0
+    finally:
+        acks.cancel()
+        await publisher.close()
+        subscriber.writer.transport.abort()  # no DISCONNECT needed: its session stays either way
+    return (count + 1) / elapsed, cpu / (count + 1) * 1e6
+
+
+async def measure_sessions(brokers: dict[str, Broker], count: int, rounds: int) -> Table:
+    names = list(brokers)
+    table = Table(
+        f"QoS 1 through a persistent session, persistence on vs off ({count:,} messages x {rounds} rounds, "
+        f"{PAYLOAD} B payloads)",
+        [
+            "persistence",
+            "messages/s (median)",
+            "per round",
+            "ratio to off: median [min-max]",
+            "broker CPU µs/msg",
+        ],
+    )
+    for broker in brokers.values():  # warm-up: the session exists
+        await session_round(broker, count // 10, -1)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(await session_round(brokers[name], count, index))
+    base = results[OFF]
+    for name, values in results.items():
+        ratios = [mine[0] / ref[0] for mine, ref in zip(values, base, strict=True)]
+        table.add(
+            name,
+            f"{median([v[0] for v in values]):,.0f}",
+            " ".join(f"{v[0]:,.0f}" for v in values),
+            spread(ratios),
+            f"{median([v[1] for v in values]):.1f}",
+        )
+    query = "SELECT count(*) FROM sessions WHERE client_id = 'bench-keeper'"
+    try:
+        async with asyncio.timeout(TIMEOUT):  # written within flush_interval
+            while stored(brokers[ON], query) != [(1,)]:
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise BenchError(f"{brokers[ON].label}: the persistent session is not in its store") from None
+    table.notes += [
+        "One raw publisher (QoS 1, its PUBACKs read as they come) and one raw subscriber with a "
+        "persistent session acknowledging every delivery at once; 500 messages at a time, each chunk "
+        "delivered before the next is sent (nothing dropped); a round ends when the subscriber has "
+        "the sentinel. Rounds alternate between the two brokers.",
+        "Checked after the rounds: the persistent broker's file holds the subscriber's session.",
+    ]
+    return table
+
+
 async def _brokers() -> dict[str, Broker]:
     brokers: dict[str, Broker] = {}
     for name, enable in ((OFF, "false"), (ON, "true")):
@@ -212,7 +346,10 @@ async def run(options: Options) -> list[Table]:
     count, rounds = SIZES[options.quick]
     brokers = await _brokers()
     try:
-        return [await measure(brokers, count, rounds)]
+        return [
+            await measure(brokers, count, rounds),
+            await measure_sessions(brokers, SESSION_MESSAGES[options.quick], rounds),
+        ]
     finally:
         for broker in brokers.values():
             await broker.stop()

@@ -188,6 +188,7 @@ class AdminServer:
             failure_bans=lambda: gatekeeper.failure_bans if gatekeeper is not None else 0,
             authorization=lambda: engine.source_results,
             ban_write_failures=lambda: operations.bans.write_failures if operations is not None else 0,
+            store=engine.store_stats,
         )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None
@@ -350,6 +351,7 @@ class AdminServer:
                     "max_connections": settings.max_connections or "infinity",
                     "current_connections": listener.stats.current,
                     "accepted": listener.stats.accepted,
+                    "health_checks": listener.stats.health_checks,
                     # Refused before MQTT (PROXY, headers, limits) and at CONNECT (bans, auth...).
                     "refused": dict(
                         sorted(

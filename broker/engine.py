@@ -1580,6 +1580,11 @@ class Engine:
             "inflight": sum(len(session.inflight) for session in self._sessions.values()),
         }
 
+    def store_stats(self) -> dict[str, int]:
+        """The store's counters (:meth:`broker.store.base.Store.stats`), none without one. Never
+        raises."""
+        return {} if self._store is None else self._store.stats()
+
     def subscription_list(self, client_id: str | None = None) -> list[dict[str, Any]]:
         """Every subscription (of one client's session when ``client_id`` is given), sessions in
         connection order, offline ones after: ``{"clientid", "topic", "qos", "nl", "rap", "sub_id",

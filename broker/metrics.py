@@ -71,9 +71,11 @@ class BrokerCollector(Collector):
         failure_bans: Callable[[], int] = int,
         authorization: Callable[[], Mapping[tuple[str, str], int]] = dict,
         ban_write_failures: Callable[[], int] = int,
+        store: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """``authentication``: answers by (authenticator, result); ``failure_bans``: addresses
-        banned for failed authentications; ``authorization``: source answers by (source, result)."""
+        banned for failed authentications; ``authorization``: source answers by (source, result);
+        ``store``: the persistence store's counters (none when it is off)."""
         self._listeners = listeners
         self._messages = messages
         self._sessions = sessions
@@ -82,6 +84,7 @@ class BrokerCollector(Collector):
         self._failure_bans = failure_bans
         self._authorization = authorization
         self._ban_write_failures = ban_write_failures
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus-client)."""
@@ -171,6 +174,20 @@ class BrokerCollector(Collector):
         )
         ban_writes.add_metric([], self._ban_write_failures())
         yield ban_writes
+        store = self._store()
+        for key, help_text in (
+            ("writes", "Persistence store transactions committed"),
+            ("rows_written", "Persistence store rows written or deleted"),
+            ("write_failures", "Persistence store writes that failed (retried at the next interval)"),
+        ):
+            if key in store:
+                family = CounterMetricFamily(f"realip_store_{key}", help_text)
+                family.add_metric([], store[key])
+                yield family
+        if "pending" in store:
+            yield GaugeMetricFamily(
+                "realip_store_pending", "Changes not yet handed to the store's writer", value=store["pending"]
+            )
         sizes = self._sizes()
         for key, help_text in (
             ("sessions", "Sessions held, connected or not"),

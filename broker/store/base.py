@@ -367,6 +367,12 @@ class Store(Protocol):
             RuntimeError: the store is not open.
         """
 
+    def stats(self) -> dict[str, int]:
+        """Its counters since it was made, for ``/metrics``: ``writes`` (transactions committed),
+        ``rows_written``, ``write_failures``, ``pending`` (changes not yet handed to the writer).
+        Never raises."""
+        return {}
+
     async def flush(self) -> None:
         """Return when everything handed over so far is durable.
 
@@ -440,6 +446,10 @@ class NullStore:
 
     def delete_delivery(self, client_id: str, seq: int) -> None:
         """Nothing to forget. Never raises."""
+
+    def stats(self) -> dict[str, int]:
+        """Nothing counted. Never raises."""
+        return {}
 
     async def flush(self) -> None:
         """Nothing to write. Never raises."""
@@ -555,6 +565,10 @@ class MemoryStore:
     def delete_delivery(self, client_id: str, seq: int) -> None:
         """Forgotten at once. Never raises."""
         self.deliveries.get(client_id, {}).pop(seq, None)
+
+    def stats(self) -> dict[str, int]:
+        """Nothing is written (everything is kept at once). Never raises."""
+        return {"writes": 0, "rows_written": 0, "write_failures": 0, "pending": 0}
 
     async def flush(self) -> None:
         """Nothing to write. Never raises."""

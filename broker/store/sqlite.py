@@ -378,6 +378,15 @@ class SqliteStore:
             self.delete_session(client_id)
         return sessions
 
+    def stats(self) -> dict[str, int]:
+        """Transactions committed, rows written, failed writes, changes pending. Never raises."""
+        return {
+            "writes": self.transactions,
+            "rows_written": self.rows_written,
+            "write_failures": self.write_failures,
+            "pending": self.pending,
+        }
+
     def _changes(self, client_id: str) -> _Changes:
         changes = self._sessions.get(client_id)
         if changes is None:

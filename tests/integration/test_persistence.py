@@ -19,7 +19,15 @@ from paho.mqtt.packettypes import PacketTypes
 from tests import mqtt_raw as raw
 from tests.integration.test_mqtt5 import V5Clients, props
 from tests.routes import Route
-from tests.support import WAIT, BrokerProcess, Clients, broker_config, listener_config, wait_until
+from tests.support import (
+    WAIT,
+    BrokerProcess,
+    Clients,
+    broker_config,
+    listener_config,
+    metric_samples,
+    wait_until,
+)
 from tests.unit.test_store_sqlite import _corrupt
 
 BrokerFactory = Callable[..., BrokerProcess]
@@ -322,6 +330,10 @@ def test_in_flight_and_unreleased_qos2_survive_kill_9(
         ),
         what="the in-flight deliveries and the unreleased QoS 2 id in the store's file",
     )
+    samples = metric_samples(broker)
+    assert samples[("realip_store_writes_total", ())] >= 1
+    assert samples[("realip_store_rows_written_total", ())] >= 4  # two sessions, two deliveries
+    assert samples[("realip_store_write_failures_total", ())] == 0
     assert broker.stop(signal.SIGKILL) == -signal.SIGKILL
     subscriber.close()
     sender.close()

@@ -1,4 +1,5 @@
-"""The engine and its store: every retained change is handed over, what was kept comes back."""
+"""The engine and its store: every retained and session change is handed over, what was kept comes
+back."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pytest
 from broker.core.session import Message
 from broker.engine import Engine
 from broker.settings import MqttSettings
-from broker.store.base import MemoryStore, StoredMessage
+from broker.store.base import (
+    MemoryStore,
+    StoredDelivery,
+    StoredMessage,
+    StoredSession,
+    StoredSubscription,
+    StoredWill,
+)
 
 
 async def started(store: MemoryStore, **mqtt: int) -> Engine:
@@ -81,3 +89,50 @@ async def test_restored_messages_are_retained_on_the_engine_clock(caplog: pytest
         "4 stored retained message(s) dropped: 1 $SYS, 1 beyond mqtt.max_retained_messages, 1 expired, 1 unusable"
         in caplog.text
     )
+
+
+async def test_restored_sessions_route_again_and_tell_the_store(caplog: pytest.LogCaptureFixture) -> None:
+    wall = time.time()
+    old = StoredMessage("jobs/1", b"old", 1, "p", retain=False)
+    gone = StoredMessage("jobs/0", b"expired", 1, "p", expires_at=wall - 1, retain=False)
+    kept = {
+        "worker": StoredSession(
+            "worker",
+            3600.0,
+            disconnected_at=wall - 10,
+            username="ann",
+            authenticated=True,
+            ip="192.0.2.1",
+            subscriptions=(StoredSubscription("jobs/#", 1),),
+            deliveries=(
+                StoredDelivery(1, gone, 1),
+                StoredDelivery(2, old, 1, packet_id=9),
+                StoredDelivery(3, old, 1),
+                StoredDelivery(4, old, 1),
+            ),
+        ),
+        "ended": StoredSession(
+            "ended",
+            5.0,
+            disconnected_at=wall - 6,
+            will=StoredWill(StoredMessage("jobs/will", b"bye", 1, "ended", retain=False)),
+        ),
+    }
+    store = MemoryStore(sessions=kept)
+    engine = await started(store, max_mqueue_len=1)
+    with caplog.at_level(logging.INFO, logger="broker.engine"):
+        assert engine.restore_sessions(await store.load_sessions()) == 1
+    assert "stored session of client 'ended' expired while the broker was down" in caplog.text
+    assert sorted(store.sessions) == ["worker"]
+    worker = store.session("worker")
+    # The expired delivery dropped, the queue trimmed to mqtt.max_mqueue_len (oldest first), the
+    # in-flight one kept; then the due will of "ended" was routed to it (and so queued, trimming
+    # the queue again).
+    assert [(d.seq, d.message.topic, d.packet_id) for d in worker.deliveries] == [
+        (2, "jobs/1", 9),
+        (5, "jobs/will", 0),
+    ]
+    assert engine.counters.dropped == {"expired": 1, "queue_full": 2}
+    engine.publish(Message("jobs/2", b"new", 1, False, "p"))
+    assert [d.message.topic for d in store.session("worker").deliveries] == ["jobs/1", "jobs/2"]
+    assert engine.subscription_list("worker")[0]["topic"] == "jobs/#"

@@ -12,8 +12,16 @@ from typing import Any
 
 import pytest
 
-from broker.core.session import Message
-from broker.store.base import StoredMessage, StoreError, properties_from_json, properties_to_json
+from broker.core.session import Delivery, Message, SubOptions
+from broker.store.base import (
+    StoredMessage,
+    StoredSession,
+    StoredSubscription,
+    StoredWill,
+    StoreError,
+    properties_from_json,
+    properties_to_json,
+)
 from broker.store.sqlite import APPLICATION, FORMAT_VERSION, SqliteStore
 from tests.unit.test_layers import REPO, imports_in, top
 
@@ -410,3 +418,213 @@ def test_the_store_imports_only_the_stdlib_the_core_and_the_errors() -> None:
         if top(name) not in sys.stdlib_module_names and not name.startswith(allowed)
     )
     assert wrong == []
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+
+class State:
+    """A session's own state as the engine hands it over (read when the batch is handed over)."""
+
+    def __init__(self, client_id: str, **fields: Any) -> None:
+        self.client_id = client_id
+        self.fields = fields
+
+    def stored(self, *, loop_now: float, wall_now: float) -> StoredSession:
+        return StoredSession(self.client_id, **self.fields)
+
+
+def delivery(topic: str, qos: int, *, packet_id: int = 0, released: bool = False) -> Delivery:
+    made = Delivery(Message(topic, topic.encode(), 2, False, "pub", {"content_type": "t"}), qos, True, (3, 9))
+    made.packet_id, made.released = packet_id, released
+    return made
+
+
+async def sessions_in(path: Path) -> list[StoredSession]:
+    store = await opened(path)
+    try:
+        return await store.load_sessions()
+    finally:
+        await store.close()
+
+
+async def test_a_session_round_trips_whole_through_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    store = await opened(path)
+    wall = time.time()
+    will = StoredWill(
+        StoredMessage("wills/a", b"\x00bye", 1, "a", {"user_property": [["k", "v"]]}, None, True), 5.0
+    )
+    state = State(
+        "a",
+        expiry_interval=600.0,
+        disconnected_at=wall,
+        owner="alice",
+        username="alice",
+        authenticated=True,
+        ip="192.0.2.7",
+        awaiting_rel=(7, 9),
+        will=will,
+    )
+    store.put_session(state)
+    store.put_subscription("a", "orders/#", SubOptions(1, no_local=True, identifier=4))
+    store.put_subscription("a", "$share/g/jobs", SubOptions(2, retain_as_published=True))
+    queued, flying, released = delivery("q", 1), delivery("f", 1, packet_id=5), delivery("r", 2, packet_id=6)
+    for made in (flying, released, queued):
+        store.put_delivery("a", made)
+    assert (flying.seq, released.seq, queued.seq) == (1, 2, 3)  # numbered in arrival order
+    released.released = True  # changed after being handed over: what is written is read later
+    store.put_delivery("a", released)
+    await store.close()
+
+    [back] = await sessions_in(path)
+    assert back.client_id == "a"
+    assert (back.expiry_interval, back.disconnected_at, back.owner, back.ip) == (
+        600.0,
+        wall,
+        "alice",
+        "192.0.2.7",
+    )
+    assert (back.authenticated, back.superuser, back.awaiting_rel, back.will) == (True, False, (7, 9), will)
+    assert back.subscriptions == (
+        StoredSubscription("orders/#", 1, no_local=True, identifier=4),
+        StoredSubscription("$share/g/jobs", 2, retain_as_published=True),
+    )
+    assert [(d.seq, d.message.topic, d.qos, d.packet_id, d.released) for d in back.deliveries] == [
+        (1, "f", 1, 5, False),
+        (2, "r", 2, 6, True),
+        (3, "q", 1, 0, False),
+    ]
+    kept = back.deliveries[0]
+    assert (kept.retain, kept.subscription_ids, kept.message.retain, kept.message.qos) == (
+        True,
+        (3, 9),
+        False,
+        2,
+    )
+    assert kept.message.properties == {"content_type": "t"}
+    # Numbering goes on after the highest kept.
+    store = await opened(path)
+    await store.load_sessions()
+    later = delivery("later", 1)
+    store.put_delivery("a", later)
+    assert later.seq == 4
+    await store.close()
+
+
+async def test_a_delivery_acknowledged_within_a_batch_is_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    store = TracedStore(path, flush_interval=NEVER)
+    await store.open()
+    store.put_session(State("a", expiry_interval=60.0))
+    quick = delivery("quick", 1, packet_id=1)
+    store.put_delivery("a", quick)
+    store.delete_delivery("a", quick.seq)  # its PUBACK came before the batch was handed over
+    slow = delivery("slow", 1, packet_id=2)
+    store.put_delivery("a", slow)
+    await store.flush()
+    assert store.rows_written == 2  # the session and "slow"
+    assert not any("quick" in statement for statement in store.statements)
+    store.delete_delivery("a", slow.seq)  # written before: deleted now
+    await store.close()
+    [back] = await sessions_in(path)
+    assert back.deliveries == ()
+
+
+async def test_a_session_deleted_and_started_again_within_a_batch_keeps_only_the_new_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    store = await opened(path)
+    store.put_session(State("a", expiry_interval=60.0))
+    store.put_subscription("a", "old/#", SubOptions(1))
+    store.put_delivery("a", delivery("old", 1))
+    await store.flush()
+    store.delete_session("a")  # clean start
+    store.put_session(State("a", expiry_interval=30.0))
+    store.put_subscription("a", "new/#", SubOptions(0))
+    store.delete_session("b")  # never kept: nothing to do
+    await store.close()
+    [back] = await sessions_in(path)
+    assert (back.expiry_interval, back.subscriptions, back.deliveries) == (
+        30.0,
+        (StoredSubscription("new/#", 0),),
+        (),
+    )
+
+
+async def test_failed_session_writes_are_retried_under_newer_changes(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    store = FailingOnce(path, flush_interval=NEVER)
+    await store.open()
+    store.put_session(State("a", expiry_interval=60.0))
+    store.put_subscription("a", "x", SubOptions(1))
+    store.put_subscription("a", "y", SubOptions(1))
+    with pytest.raises(StoreError, match="database or disk is full"):
+        await store.flush()
+    store.delete_subscription("a", "y")  # newer than the failed write: it wins
+    store.put_session(State("b", expiry_interval=5.0))
+    await store.close()
+    back = {session.client_id: session for session in await sessions_in(path)}
+    assert sorted(back) == ["a", "b"]
+    assert back["a"].subscriptions == (StoredSubscription("x", 1),)
+
+
+async def test_a_format_1_store_gets_the_session_tables_and_keeps_its_messages(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+
+    def format_1() -> None:
+        connection = sqlite3.connect(path)
+        connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        connection.execute(
+            "CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL,"
+            " publisher TEXT NOT NULL, properties TEXT, expires_at REAL)"
+        )
+        connection.executemany(
+            "INSERT INTO meta VALUES (?, ?)", [("application", APPLICATION), ("format", "1")]
+        )
+        connection.execute("INSERT INTO retained VALUES ('kept', x'01', 1, '', NULL, NULL)")
+        connection.commit()
+        connection.close()
+
+    await asyncio.to_thread(format_1)
+    assert [m.payload for m in (await reloaded(path)).values()] == [b"\x01"]
+    connection = sqlite3.connect(path)
+    assert connection.execute("SELECT value FROM meta WHERE key = 'format'").fetchall() == [("2",)]
+    connection.close()
+    assert await sessions_in(path) == []
+
+
+async def test_a_second_broker_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    first = await opened(path)
+    try:
+        with pytest.raises(StoreError, match=r"store\.sqlite3: the store is in use by another process"):
+            await opened(path)
+    finally:
+        await first.close()
+    await (await opened(path)).close()  # let go at close
+
+
+async def test_an_unreadable_session_is_dropped_whole_and_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    store = await opened(path)
+    store.put_session(State("good", expiry_interval=60.0))
+    store.put_session(State("bad", expiry_interval=60.0))
+    store.put_delivery("bad", delivery("d", 1))
+    await store.close()
+    connection = sqlite3.connect(path)
+    connection.execute("UPDATE deliveries SET qos = 7")
+    connection.execute("INSERT INTO subscriptions VALUES ('orphan', 'f', 0, 0, 0, 0)")
+    connection.commit()
+    connection.close()
+    store = await opened(path)
+    assert [s.client_id for s in await store.load_sessions()] == ["good"]
+    await store.close()
+    assert (
+        "session of client 'bad' unreadable (delivery: seq 1 or qos 7 out of range): dropped" in caplog.text
+    )
+    assert "session of client 'orphan' unreadable" in caplog.text
+    assert [s.client_id for s in await sessions_in(path)] == ["good"]  # deleted, not found again
