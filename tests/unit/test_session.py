@@ -221,3 +221,54 @@ def test_abandon_frees_the_packet_id() -> None:
     assert delivery is not None and delivery.packet_id in session.inflight
     session.abandon(delivery, "too_large")
     assert not session.inflight and session.drops == {"too_large": 1}
+
+
+class Recorded(Session):
+    """A session whose hooks record what a store would be told."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "c", persistent=True, max_inflight=1, max_mqueue_len=2, store_qos0=True, max_awaiting_rel=2
+        )
+        self.online = self.writable = True
+        self.told: list[tuple[str, str, int]] = []
+
+    def _saved(self, delivery: Delivery) -> None:
+        self.told.append(("saved", delivery.message.topic, delivery.packet_id))
+
+    def _removed(self, delivery: Delivery) -> None:
+        self.told.append(("removed", delivery.message.topic, delivery.packet_id))
+
+    def _changed(self) -> None:
+        self.told.append(("changed", "", len(self.awaiting_rel)))
+
+
+def test_every_change_a_restart_must_bring_back_reaches_the_hooks() -> None:
+    session = Recorded()
+    first = session.deliver(Delivery(msg("a", 2), 2))  # in flight at once
+    assert first is not None
+    session.deliver(Delivery(msg("b"), 1))  # the window is full: queued
+    session.deliver(Delivery(msg("z", 0), 0))  # QoS 0, written at once: never kept
+    session.writable = False
+    session.deliver(Delivery(msg("q0", 0), 0))  # QoS 0 while paused: queued
+    session.deliver(Delivery(msg("c"), 1))  # the queue is full: "b" dropped
+    assert session.acknowledge(first.packet_id, "pubrec")  # released: its PUBREL goes out now
+    assert session.acknowledge(first.packet_id, "pubcomp")
+    session.writable = True
+    session.drain()
+    assert session.receive_qos2(9, 0.0, 60.0)
+    session.release(9)
+    session.release(9)  # unknown now: nothing changes
+    assert session.told == [
+        ("saved", "a", 1),
+        ("saved", "b", 0),
+        ("saved", "q0", 0),
+        ("removed", "b", 0),
+        ("saved", "c", 0),
+        ("saved", "a", 1),
+        ("removed", "a", 1),
+        ("removed", "q0", 0),
+        ("saved", "c", 2),
+        ("changed", "", 1),
+        ("changed", "", 0),
+    ]
