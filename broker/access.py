@@ -7,6 +7,10 @@ PROXY header or forwarded headers, never the load balancer's): connections and C
 listener (``max_connections_per_ip``, ``max_conn_rate_per_ip``), and failed authentications,
 which ban the address for a while (``authentication_policy.failure_ban``). One abusive client
 behind a load balancer is refused; its neighbours behind the same balancer are not.
+
+It logs the refusals too (:meth:`Gatekeeper.log_refusal`, for the engine and the listeners): the
+first per (reason, client address) at once, then one summary line per interval, so a banned client
+retrying without end cannot flood the log (every refusal is still counted in the metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from broker.bans import Ban, BanError, BanStore
+from broker.logs import ThrottleTable
 from broker.mqtt import reasons
 from broker.settings import AccessSettings, FailureBanSettings, ListenerSettings, Rate, Settings
 from listeners.options import UNLIMITED
@@ -122,6 +127,8 @@ class Gatekeeper:
         self._clock = clock
         #: Addresses banned for failed authentications since start (``/metrics``).
         self.failure_bans = 0
+        #: Refusal log lines by (reason, client address): repeats held back and summed up.
+        self.refusals = ThrottleTable()
         self.update(settings)
 
     def update(self, settings: Settings) -> None:
@@ -148,6 +155,12 @@ class Gatekeeper:
         }
         self._failure_ban = settings.authentication_policy.failure_ban
         self._failures.settings = self._failure_ban
+
+    def log_refusal(self, reason: str, ip: str, log: logging.Logger, message: str, *args: object) -> None:
+        """Log a refusal of ``ip`` for ``reason`` as a WARNING on ``log``: the first at once, then
+        at most one line per ``logs.LOG_INTERVAL`` per (reason, address), saying how many were held
+        back (``listeners.connection.RefusalLog``). Never raises."""
+        self.refusals.log((reason, ip), log, logging.WARNING, message, *args)
 
     def check_address(self, listener_id: str, ip: str) -> Refusal | None:
         """Access lists, then ``peerhost`` bans. Never raises."""

@@ -7,7 +7,8 @@ Endpoints (all answers are JSON except ``/metrics``):
                                     ``username``; paging ``page`` (from 1) and ``limit`` (1-10000)
 ``GET /api/v1/clients/{id}``        one client, 404 when not connected
 ``DELETE /api/v1/clients/{id}``     kick: disconnect and discard the session; 204, or 404
-``GET /api/v1/listeners``           each listener: bind, mode, live connections, refusals by reason
+``GET /api/v1/listeners``           each running listener: bind, mode, live connections, refusals by
+                                    reason, health checks
 ``GET /api/v1/banned``              bans: ``{"data": [{"as", "who", "reason", "by", "at", "until"}]}``
 ``POST /api/v1/banned``             ``{"as": "peerhost"|"clientid"|"username", "who": ..., "reason"?,
                                     "until"?: ISO 8601 or duration}``: 201 ``{"ban", "kicked"}``

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import socket
 import time
@@ -29,8 +30,10 @@ from broker.auth.scram import METHODS as SCRAM_METHODS
 from broker.auth.scram import ScramCredentials, ScramExchange
 from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
+from broker.channel import Channel
 from broker.engine import Engine, EngineHooks
 from broker.errors import ConfigError, RealIPError
+from broker.listener_changes import ListenerChanges, plan_listeners
 from broker.operations import AuditTrail, Operations
 from broker.settings import (
     AmqttPluginSettings,
@@ -46,7 +49,9 @@ from broker.settings import (
 from broker.store.base import NullStore, Store, StoreError
 from broker.store.sqlite import SqliteStore
 from broker.sys_topics import Hooks, SysTopics
+from listeners.acceptor import Opening
 from listeners.address import format_hostport
+from listeners.options import ListenerOptions
 from listeners.tcp import SslListener, TcpListener
 from listeners.websocket import WebSocketListener
 
@@ -142,8 +147,9 @@ async def close_authentication(auth: AuthChain, sources: list[HttpAuthorizationS
 #: (longer than an HTTP authenticator's default request_timeout).
 RETIRE_AFTER = 30.0
 
-#: Sections a reload applies at once; a change anywhere else is reported as needing a restart.
-LIVE_SECTIONS = ("access", "authentication", "authentication_policy", "authorization", "mqtt")
+#: Sections a reload applies at once; a change anywhere else is reported as needing a restart
+#: (and ``listeners.*.peer_cert_as_username``, see broker/listener_changes.py; ``log`` but its level).
+LIVE_SECTIONS = ("access", "authentication", "authentication_policy", "authorization", "listeners", "mqtt")
 
 
 def _scram_credentials(users: UserStore, algorithm: str, username: str) -> ScramCredentials | None:
@@ -165,7 +171,7 @@ BAN_PURGE_INTERVAL = 60.0
 def make_listener(
     settings: ListenerSettings, engine: Engine, audit: AuditTrail, gatekeeper: Gatekeeper
 ) -> Listener:
-    """The listener object for one configured listener."""
+    """The listener object for one configured listener (not started)."""
     if settings.type in ("ws", "wss"):
         return WebSocketListener(
             settings,
@@ -173,10 +179,31 @@ def make_listener(
             on_refused=audit.listener_refused,
             admit=gatekeeper.check_address,
             max_packet_size=engine.settings.max_packet_size,
+            log_refusal=gatekeeper.log_refusal,
         )
-    if settings.type == "ssl":
-        return SslListener(settings, engine.open, on_refused=audit.listener_refused)
-    return TcpListener(settings, engine.open, on_refused=audit.listener_refused)
+    kind = SslListener if settings.type == "ssl" else TcpListener
+    return kind(settings, engine.open, on_refused=audit.listener_refused, log_refusal=gatekeeper.log_refusal)
+
+
+def listener_problem(settings: ListenerOptions, exc: OSError) -> str:
+    """What a listener that cannot start says, with its path: ``listeners.tcp.default.bind: cannot
+    listen on 0.0.0.0:1883: Address already in use``, or its certificate problem."""
+    where = f"listeners.{settings.type}.{settings.name}"
+    if not exc.errno:  # a certificate problem, raised by the TLS listeners
+        return f"{where}: {exc.strerror}"
+    # os.strerror: asyncio words a bind failure as "error while attempting to bind on address ...".
+    return f"{where}.bind: cannot listen on {settings.bind}: {os.strerror(exc.errno)}"
+
+
+def log_listening(listener: Listener) -> None:
+    """``listener tcp:default on 0.0.0.0:1883 (proxy_protocol=false)``, per address bound."""
+    for host, port in listener.addresses():
+        logger.info(
+            "listener %s on %s (proxy_protocol=%s)",
+            listener.id,
+            format_hostport(host, port),
+            listener.settings.proxy_protocol.value,
+        )
 
 
 class BrokerApp:
@@ -221,10 +248,20 @@ class BrokerApp:
             if sys_settings.client_events and isinstance(hooks, Hooks):
                 hooks.add(self.sys_topics)  # after the audit trail: its record is written first
         self.operations = Operations(self.engine, self.bans, self.audit, self.users, settings)
+        #: The running listeners, in the file's order. A reload changes this list in place: the
+        #: admin API holds the same one.
         self.listeners: list[Listener] = [
             make_listener(listener, self.engine, self.audit, self.gatekeeper)
             for listener in settings.enabled_listeners()
         ]
+        #: Listeners a reload stopped whose connections may still be closing (aborted at stop).
+        self._stopped_listeners: list[Listener] = []
+        #: Listeners whose certificate CN the engine takes as the username (fixed at start).
+        self._cert_username = frozenset(
+            listener.id for listener in settings.listeners if listener.peer_cert_as_username
+        )
+        #: Whether start() got as far as "ready" (a failed start does not log "stopped").
+        self._ready = False
         self.admin: AdminServer | None = None
         if settings.admin.listen.path is not None or settings.admin.listen.is_tcp:
             self.admin = AdminServer(
@@ -299,21 +336,8 @@ class BrokerApp:
                 await listener.start()
             except OSError as exc:
                 await self.stop()
-                path = f"listeners.{listener.settings.type}.{listener.settings.name}.bind"
-                if not exc.errno:  # a certificate problem, raised by the TLS listeners
-                    raise StartupError(
-                        f"listeners.{listener.settings.type}.{listener.settings.name}: {exc.strerror}"
-                    ) from None
-                raise StartupError(
-                    f"{path}: cannot listen on {listener.settings.bind}: {exc.strerror}"
-                ) from None
-            for host, port in listener.addresses():
-                logger.info(
-                    "listener %s on %s (proxy_protocol=%s)",
-                    listener.id,
-                    format_hostport(host, port),
-                    listener.settings.proxy_protocol.value,
-                )
+                raise StartupError(listener_problem(listener.settings, exc)) from None
+            log_listening(listener)
         if self.admin is not None:
             try:
                 where = await self.admin.start()
@@ -321,6 +345,7 @@ class BrokerApp:
                 await self.stop()
                 raise
             logger.info("admin API on %s", where)
+        self._ready = True
         logger.info("realip-broker ready: %s", self.ready_summary())
 
     def ready_summary(self) -> str:
@@ -361,11 +386,13 @@ class BrokerApp:
         task.add_done_callback(self._reloads.discard)
 
     async def reload(self, *, by: str = "admin") -> dict[str, Any]:
-        """Read the config file again and apply what can change while running: access lists,
-        authorization (recompiled for every connected client), authentication, the per-address
-        limits and failure bans, ``mqtt`` limits (for what comes next), the log level. What else
-        changed is reported as needing a restart and left as it is. An invalid file, or an
-        authenticator that cannot start, changes nothing; every problem is logged with its path.
+        """Read the config file again and apply what can change while running: the listeners
+        (started, stopped, new settings and certificates for the connections to come: see
+        :mod:`broker.listener_changes`), access lists, authorization (recompiled for every
+        connected client), authentication, the per-address limits and failure bans, ``mqtt`` limits
+        (for what comes next), the log level. What else changed is reported as needing a restart
+        and left as it is. An invalid file, a listener that cannot bind or load its certificates, or
+        an authenticator that cannot start, changes nothing; every problem is logged with its path.
         Audited as ``config_reloaded`` (or ``config_reload_failed``). Never raises."""
         async with self._reload_lock:
             result = await self._reload()
@@ -375,13 +402,19 @@ class BrokerApp:
                 logger.error("reload: %s", problem)
             self.audit.log.write("config_reload_failed", by=by, errors=result["errors"])
         else:
+            moves = result["listeners"]
             logger.info(
-                "configuration reloaded: changed %s; needs a restart: %s",
+                "configuration reloaded: changed %s; needs a restart: %s; listeners %s",
                 ", ".join(result["changed"]) or "nothing",
                 ", ".join(result["restart_needed"]) or "nothing",
+                "; ".join(f"{what} {', '.join(ids)}" for what, ids in moves.items() if ids) or "as they were",
             )
             self.audit.log.write(
-                "config_reloaded", by=by, changed=result["changed"], restart_needed=result["restart_needed"]
+                "config_reloaded",
+                by=by,
+                changed=result["changed"],
+                restart_needed=result["restart_needed"],
+                listeners=moves,
             )
         return result
 
@@ -397,41 +430,31 @@ class BrokerApp:
             return result
         old_dump, new_dump = dump_settings(self.settings), dump_settings(new)
         changed = [key for key in new_dump if new_dump[key] != old_dump[key]]
-        listeners_changed = "listeners" in changed
-        if listeners_changed:  # the per-address limits of a listener apply live; the rest does not
-            stripped = [
-                {**entry, "max_connections_per_ip": None, "max_conn_rate_per_ip": None}
-                for entry in _listener_entries(new_dump)
-            ]
-            listeners_changed = stripped != [
-                {**entry, "max_connections_per_ip": None, "max_conn_rate_per_ip": None}
-                for entry in _listener_entries(old_dump)
-            ]
+        # self.settings.listeners: those running enabled, the others off (see _running_settings).
+        plan = plan_listeners(self.settings.enabled_listeners(), new.listeners, self._cert_username)
+        # What can fail comes first, and changes nothing: new addresses bound (not accepting yet),
+        # certificates loaded, then the new authenticators started.
+        try:
+            openings = await self._prepare_listeners(plan, new)
+        except StartupError as exc:
+            result["errors"] = [f"{self.config_path}: {exc}"]
+            return result
         sources = make_sources(new)
         auth = make_auth_chain(new, self.users, self.password_checks)
         try:
             await start_authentication(auth, sources)
         except AuthError as exc:
+            for _, opening in openings:
+                opening.discard()
             result["errors"] = [f"{self.config_path}: {exc}"]
             return result
         old_auth, old_sources = self.auth, self.sources
-        # The listeners running stay as they are; each takes its access rules and per-address
-        # limits from the new file (one that the file no longer names keeps its own).
-        renamed = {listener.id: listener for listener in new.listeners}
-        running = tuple(
-            dataclasses.replace(
-                listener,
-                access=renamed[listener.id].access,
-                max_connections_per_ip=renamed[listener.id].max_connections_per_ip,
-                max_conn_rate_per_ip=renamed[listener.id].max_conn_rate_per_ip,
-            )
-            if listener.id in renamed
-            else listener
-            for listener in self.settings.listeners
-        )
+        # The gatekeeper knows a new listener's access rules before the listener accepts.
+        running = self._running_settings(plan, new)
         self.gatekeeper.update(dataclasses.replace(new, listeners=running))
         self.engine.reconfigure(new.mqtt, make_authorizer(new, sources), auth, sources)
         self.auth, self.sources = auth, sources
+        await self._commit_listeners(plan, openings, new)
         if new.log.level != self.settings.log.level:
             logs.set_level(new.log.level)
         # Authentications and source requests already under way finish with the old ones.
@@ -439,24 +462,103 @@ class BrokerApp:
         retire = asyncio.get_running_loop().create_task(self._retire(old_auth, old_sources))
         self._reloads.add(retire)
         retire.add_done_callback(self._reloads.discard)
-        kept = {"listeners"} if listeners_changed else set()
-        kept |= {key for key in changed if key not in (*LIVE_SECTIONS, "listeners", "log")}
+        kept = {key for key in changed if key not in (*LIVE_SECTIONS, "log")}
         if new.log.format != self.settings.log.format or new.log.file != self.settings.log.file:
             kept.add("log")
         self.settings = dataclasses.replace(
             new,
-            listeners=self.settings.listeners,
+            listeners=running,
             node=self.settings.node,
             admin=self.settings.admin,
             audit=self.settings.audit,
             sys_topics=self.settings.sys_topics,
             persistence=self.settings.persistence,
         )
-        result["changed"] = [key for key in changed if key not in kept or key == "log"]
-        result["restart_needed"] = sorted(kept)
+        # "listeners" changed unless all that changed there waits for a restart.
+        applied = [
+            key
+            for key in changed
+            if (key not in kept or key == "log")
+            and (key != "listeners" or plan.any or not plan.restart_needed)
+        ]
+        result["changed"] = applied
+        result["restart_needed"] = sorted(kept) + list(plan.restart_needed)
+        result["listeners"] = plan.summary()
         for warning in config_warnings(new):
             logger.warning("%s", warning)
         return result
+
+    async def _prepare_listeners(
+        self, plan: ListenerChanges, new: Settings
+    ) -> list[tuple[Listener, Opening]]:
+        """Bind the new addresses and load the certificates of every listener the reload keeps or
+        starts; nothing is applied yet.
+
+        Raises:
+            StartupError: one cannot bind or load its certificates (the message names it); what was
+                bound is closed again.
+        """
+        by_id = {listener.id: listener for listener in self.listeners}
+        wanted = [(by_id[settings.id], settings) for settings in plan.update]
+        wanted += [
+            (make_listener(settings, self.engine, self.audit, self.gatekeeper), settings)
+            for settings in plan.start
+        ]
+        openings: list[tuple[Listener, Opening]] = []
+        for listener, settings in wanted:
+            try:
+                opening = await listener.prepare(settings, max_packet_size=new.mqtt.max_packet_size)
+            except OSError as exc:
+                for _, made in openings:
+                    made.discard()
+                raise StartupError(listener_problem(settings, exc)) from None
+            openings.append((listener, opening))
+        return openings
+
+    def _running_settings(self, plan: ListenerChanges, new: Settings) -> tuple[ListenerSettings, ...]:
+        """``new.listeners`` as they will run: each as the plan applies it, those not running off."""
+        applied = {settings.id: settings for settings in (*plan.update, *plan.start)}
+        return tuple(
+            applied.get(settings.id, dataclasses.replace(settings, enable=False))
+            for settings in new.listeners
+        )
+
+    async def _commit_listeners(
+        self, plan: ListenerChanges, openings: list[tuple[Listener, Opening]], new: Settings
+    ) -> None:
+        """Apply what :meth:`_prepare_listeners` made ready, stop the listeners the file no longer
+        has (their clients disconnected: MQTT 5 ones with DISCONNECT 0x8B), and put the running
+        set, in the file's order, in :attr:`listeners` (the same list the admin API reads)."""
+        started = {settings.id for settings in plan.start}
+        for listener, opening in openings:
+            await listener.commit(opening)
+            if listener.id in started or listener.id in plan.moved:
+                log_listening(listener)
+            elif listener.id in plan.changed:
+                logger.info("listener %s: new settings, for the connections to come", listener.id)
+        by_id = {listener.id: listener for listener in self.listeners}
+        by_id.update((listener.id, listener) for listener, _ in openings)
+        for listener_id in plan.stop:
+            self._stop_listener(by_id.pop(listener_id))
+        order = [settings.id for settings in new.listeners]
+        self.listeners[:] = sorted(by_id.values(), key=lambda listener: order.index(listener.id))
+
+    def _stop_listener(self, listener: Listener) -> None:
+        """Stop accepting, and disconnect every client of ``listener`` (as EMQX and mosquitto do
+        when a listener goes): the engine closes those it has (MQTT 5: DISCONNECT 0x8B, recorded
+        as ``listener_removed``), the others (PROXY header, TLS handshake, upgrade) are closed."""
+        listener.stop_accepting()
+        listener.cancel_pending()
+        connections = listener.connections()
+        for link in connections:
+            sink = link.sink
+            if isinstance(sink, Channel):
+                sink.close("listener_removed")
+            else:
+                link.close()
+        self._stopped_listeners = [old for old in self._stopped_listeners if old.stats.current]
+        self._stopped_listeners.append(listener)
+        logger.info("listener %s stopped: %d connection(s) closed", listener.id, len(connections))
 
     def _on_signal(self, signum: int) -> None:
         logger.info("%s received: stopping", signal.Signals(signum).name)
@@ -465,6 +567,8 @@ class BrokerApp:
     async def _purge_bans(self) -> None:
         while True:
             await asyncio.sleep(BAN_PURGE_INTERVAL)
+            # Refusals held back from the log and not summed up since (the client went quiet).
+            self.gatekeeper.refusals.sweep()
             try:
                 for ban in self.bans.purge():
                     logger.info("ban %s %s expired", ban.kind, ban.value)
@@ -499,7 +603,7 @@ class BrokerApp:
         if self.admin is not None:
             await self.admin.stop()
         await self.engine.shutdown()
-        for listener in self.listeners:
+        for listener in (*self.listeners, *self._stopped_listeners):
             listener.abort_connections()
         # Let the connection tasks see their sockets close before the loop ends.
         with contextlib.suppress(asyncio.CancelledError):
@@ -517,12 +621,7 @@ class BrokerApp:
         except StoreError as exc:
             logger.error("%s", exc)
         self.audit_log.close()
-        logger.info("realip-broker stopped")
-
-
-def _listener_entries(dumped: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {"id": f"{kind}:{name}", **options}
-        for kind, named in dumped["listeners"].items()
-        for name, options in named.items()
-    ]
+        # After a failed start the error (logged by the caller) is the last line, not "stopped".
+        if self._ready:
+            self._ready = False
+            logger.info("realip-broker stopped")

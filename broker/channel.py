@@ -54,6 +54,7 @@ _DISCONNECT_CODES = {
     "kicked": reasons.ADMINISTRATIVE_ACTION,
     "banned": reasons.ADMINISTRATIVE_ACTION,
     "shutdown": reasons.SERVER_SHUTTING_DOWN,
+    "listener_removed": reasons.SERVER_SHUTTING_DOWN,  # a reload stopped the client's listener
     "keepalive_timeout": reasons.KEEP_ALIVE_TIMEOUT,
 }
 

@@ -187,7 +187,8 @@ def listener_line(listener: dict[str, Any]) -> str:
     mode = str(mode).lower() if isinstance(mode, bool) else mode  # as written in YAML
     return (
         f"{listener['id']:<16} bind={listener['bind']} proxy_protocol={mode} "
-        f"connections={listener['current_connections']} accepted={listener['accepted']} refused={refused}"
+        f"connections={listener['current_connections']} accepted={listener['accepted']} refused={refused} "
+        f"health_checks={listener.get('health_checks', 0)}"
     )
 
 
@@ -407,7 +408,58 @@ def _client_for(args: argparse.Namespace) -> AdminClient:
         except ValueError as exc:
             raise AdminError(f"--admin: {exc}") from None
     settings = default_settings() if args.config is None else load_settings_file(args.config)
-    return AdminClient(settings.admin.listen, token or settings.admin.token)
+    listen = settings.admin.listen
+    if args.config is not None and listen.path is not None and not os.path.isabs(listen.path):
+        listen = AdminAddress(path=resolve_like_the_broker(listen.path, args.config))
+    return AdminClient(listen, token or settings.admin.token)
+
+
+def serving_directories(config: str, proc: str = "/proc") -> list[str]:
+    """The working directories of the running ``realip-broker serve --config FILE`` processes whose
+    FILE is ``config`` (Linux: read from ``/proc``; another user's broker is readable by root
+    only, and skipped otherwise). Never raises."""
+    target = os.path.realpath(config)
+    found = []
+    try:
+        entries = [entry.name for entry in os.scandir(proc) if entry.name.isdigit()]
+    except OSError:  # no /proc (not Linux)
+        return []
+    for pid in entries:
+        try:
+            with open(os.path.join(proc, pid, "cmdline"), "rb") as file:
+                argv = [part.decode(errors="replace") for part in file.read().split(b"\0")]
+            if "serve" not in argv or not any("broker" in part for part in argv[:3]):
+                continue
+            named = _config_argument(argv)
+            if named is None:
+                continue
+            cwd = os.readlink(os.path.join(proc, pid, "cwd"))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if os.path.realpath(os.path.join(cwd, named)) == target:
+            found.append(cwd)
+    return found
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    for index, part in enumerate(argv):
+        if part == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if part.startswith("--config="):
+            return part.partition("=")[2]
+    return None
+
+
+def resolve_like_the_broker(path: str, config: str) -> str:
+    """A relative ``admin.listen`` socket path of the file ``config``, resolved as the broker
+    serving that file resolves it: against the broker's working directory (found with
+    :func:`serving_directories`; the first one whose socket exists), else against ours. Never
+    raises."""
+    for directory in serving_directories(config):
+        candidate = os.path.join(directory, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path
 
 
 def _print_json(data: Any) -> None:
@@ -447,6 +499,10 @@ def run(args: argparse.Namespace) -> int:
             say(f"changed: {', '.join(data['changed']) or 'nothing'}")
             if data["restart_needed"]:
                 say(f"needs a restart to apply: {', '.join(data['restart_needed'])}")
+            moves = data.get("listeners") or {}
+            if any(moves.values()):  # started tcp:new; stopped tcp:old; updated ws:default; moved ...
+                done = [f"{what} {', '.join(ids)}" for what, ids in moves.items() if ids]
+                say(f"listeners: {'; '.join(done)}")
             return 0
         if args.topic == "log":
             if args.action == "set-level":

@@ -743,9 +743,12 @@ class Engine:
         unless ``audit`` is False (an authentication failure is audited as ``auth_failed``)."""
         client_id = connect.client_id if client_id is None else client_id
         username = connect.username if username is None else username
-        logger.warning(
-            "%s: client %r refused: %s [%s]", channel.describe(), client_id, refusal.message, refusal.reason
-        )
+        line = "%s: client %r refused: %s [%s]"
+        args = (channel.describe(), client_id, refusal.message, refusal.reason)
+        if self.gatekeeper is None:
+            logger.warning(line, *args)
+        else:  # a client retrying without end: one line, then a summary per interval (counted exactly)
+            self.gatekeeper.log_refusal(refusal.reason, channel.address.ip, logger, line, *args)
         self.counters.refused[refusal.reason] += 1
         self.counters.refused_by_listener[(channel.listener_id, refusal.reason)] += 1
         if audit:

@@ -101,15 +101,23 @@ class BrokerCollector(Collector):
             "Connections refused before reaching MQTT, by listener and reason",
             labels=["listener", "reason"],
         )
+        checks = CounterMetricFamily(
+            "realip_health_checks",
+            "Connections closed by the peer before sending a byte of MQTT (nothing, or only a PROXY "
+            "header): load balancers' health checks, by listener",
+            labels=["listener"],
+        )
         for listener in self._listeners():
             stats = listener.stats
             live.add_metric([listener.id], stats.current)
             accepted.add_metric([listener.id], stats.accepted)
             for reason, count in sorted(stats.refused.items()):
                 refused.add_metric([listener.id, reason], count)
+            checks.add_metric([listener.id], stats.health_checks)
         yield live
         yield accepted
         yield refused
+        yield checks
         yield GaugeMetricFamily("realip_sessions_connected", "MQTT clients connected", value=self._sessions())
         for name, help_text, value in (
             ("realip_bytes_received", "MQTT bytes received from clients", self._messages.bytes_received),

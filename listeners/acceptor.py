@@ -17,9 +17,10 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
-from listeners.address import ClientAddress
+from listeners.address import ClientAddress, format_hostport
 from listeners.errors import ProxyProtocolError
 from listeners.gate import ProxyGate, client_address, refusal_at_accept
 from listeners.options import Bind, ListenerOptions, ProxyProtocolMode
@@ -70,7 +71,7 @@ async def read_proxy_header_exact(sock: socket.socket, gate: ProxyGate) -> Proxy
 
     Raises:
         ProxyProtocolError: the gate refused the bytes (see :class:`~listeners.gate.ProxyGate`).
-        asyncio.IncompleteReadError: the peer closed first.
+        asyncio.IncompleteReadError: the peer closed (or reset) first; ``partial`` is what it sent.
     """
     consumed = b""
     while True:
@@ -79,6 +80,8 @@ async def read_proxy_header_exact(sock: socket.socket, gate: ProxyGate) -> Proxy
             peeked = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
         except BlockingIOError:
             continue
+        except ConnectionError:
+            raise asyncio.IncompleteReadError(consumed, None) from None
         if not peeked:
             raise asyncio.IncompleteReadError(consumed, None)
         seen = consumed + peeked
@@ -95,13 +98,18 @@ async def read_proxy_header_exact(sock: socket.socket, gate: ProxyGate) -> Proxy
 
 
 async def read_header_within(
-    read: Awaitable[T], seconds: float, socket_peer: ClientAddress, refuse: Refuse
+    read: Awaitable[T],
+    seconds: float,
+    socket_peer: ClientAddress,
+    refuse: Refuse,
+    *,
+    health_check: Callable[[str], None] | None = None,
 ) -> tuple[bool, T | None]:
     """Await a PROXY header read (``read``) for at most ``seconds`` (``proxy_protocol_timeout``).
 
     Returns ``(True, what read returned)``, or ``(False, None)`` when the header was refused or late
-    (reported through ``refuse`` with the reason) or the peer closed first. Never raises for the
-    peer's doing.
+    (reported through ``refuse`` with the reason) or the peer closed first (without a byte: a health
+    check, told to ``health_check`` with the peer). Never raises for the peer's doing.
     """
     try:
         # asyncio.timeout, not wait_for: no extra task per connection.
@@ -111,20 +119,31 @@ async def read_header_within(
         refuse(socket_peer, "proxy_timeout", f"no complete PROXY header within {seconds:g}s")
     except ProxyProtocolError as exc:
         refuse(socket_peer, exc.reason, str(exc))
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial and health_check is not None:
+            health_check(socket_peer.peername)
+        else:
+            logger.debug("%s closed before sending a PROXY header", socket_peer.peername)
+    except ConnectionError:
         logger.debug("%s closed before sending a PROXY header", socket_peer.peername)
     return False, None
 
 
 async def admit_before_tls(
-    sock: socket.socket, peer: tuple[str, int], settings: ListenerOptions, current: int, refuse: Refuse
+    sock: socket.socket,
+    peer: tuple[str, int],
+    settings: ListenerOptions,
+    current: int,
+    refuse: Refuse,
+    *,
+    health_check: Callable[[str], None] | None = None,
 ) -> tuple[bool, ProxyHeader | None]:
     """The checks of a TLS listener before its handshake: ``max_connections`` (``current`` open
     now), trusted peers, and the PROXY header taken exactly.
 
     Returns ``(True, header or None)`` to go on to the handshake, or ``(False, None)`` when the
-    connection was refused (reported through ``refuse``) or closed by the peer; the socket is then
-    closed. Never raises for the peer's doing.
+    connection was refused (reported through ``refuse``) or closed by the peer (before a byte:
+    told to ``health_check``); the socket is then closed. Never raises for the peer's doing.
     """
     socket_peer = ClientAddress.direct(*peer)
     verdict = refusal_at_accept(settings, current, peer[0])
@@ -136,12 +155,29 @@ async def admit_before_tls(
         gate = ProxyGate(settings.proxy_protocol, settings.trusted_proxies, peer[0])
         read = read_proxy_header_exact(sock, gate)
         admitted, header = await read_header_within(
-            read, settings.proxy_protocol_timeout, socket_peer, refuse
+            read, settings.proxy_protocol_timeout, socket_peer, refuse, health_check=health_check
         )
         if admitted:
             return True, header
     sock.close()
     return False, None
+
+
+async def first_byte(sock: socket.socket, seconds: float) -> bool | None:
+    """Whether the peer sends a byte (True, nothing consumed) or closes first (False, FIN or RST)
+    within ``seconds``; ``None`` when it does neither. Never raises for the peer's doing."""
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                await _readable(sock)
+                try:
+                    return bool(sock.recv(1, socket.MSG_PEEK))
+                except BlockingIOError:
+                    continue
+    except TimeoutError:
+        return None
+    except OSError:  # ECONNRESET: a health check closing with RST (HAProxy does)
+        return False
 
 
 def load_tls_context(settings: ListenerOptions) -> ssl.SSLContext:
@@ -171,26 +207,39 @@ async def accept_tls(
 
     The connection is counted in ``stats.current`` from here, so that those still in their PROXY
     header or handshake are bounded by ``max_connections`` too; the protocol takes the count over
-    once the handshake is done (``connection_made``). A failed handshake is refused as
-    ``tls_timeout`` or ``tls_error``. Never raises for the peer's doing; the socket is closed on
-    every failure, and on cancellation (shutdown).
+    once the handshake is done (``connection_made``). A peer that closes before its first TLS byte
+    is a health check (counted, DEBUG); a failed handshake is refused as ``tls_timeout`` or
+    ``tls_error``. Never raises for the peer's doing; the socket is closed on every failure, and on
+    cancellation (shutdown). ``tls`` and the settings are those in force at accept: a reload
+    changes what the next connection gets.
     """
     stats = context.stats
     stats.current += 1
     protocol: ClientProtocol | None = None
+    settings = context.settings
     try:
         admitted, header = await admit_before_tls(
-            sock, peer, context.settings, stats.current - 1, context.refuse
+            sock, peer, settings, stats.current - 1, context.refuse, health_check=context.health_check
         )
         if not admitted:
             return
         stats.accepted += 1
+        assert settings.ssl_options is not None
+        timeout = settings.ssl_options.handshake_timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sent = await first_byte(sock, timeout)
+        if not sent:
+            if sent is None:
+                context.refuse(client_address(header, *peer), *handshake_failure(TimeoutError(), timeout))
+            else:
+                context.health_check(format_hostport(*peer))
+            return
         new_protocol = protocol = make_protocol(header)  # (a closure would not see it narrowed)
-        assert context.settings.ssl_options is not None
-        timeout = context.settings.ssl_options.handshake_timeout
+        left = max(timeout - (loop.time() - started), 0.001)
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: new_protocol, sock, ssl=tls, ssl_handshake_timeout=timeout
+            await loop.connect_accepted_socket(
+                lambda: new_protocol, sock, ssl=tls, ssl_handshake_timeout=left
             )
         except OSError as exc:  # ssl.SSLError, ConnectionAbortedError (timeout)...
             context.refuse(client_address(header, *peer), *handshake_failure(exc, timeout))
@@ -198,6 +247,50 @@ async def accept_tls(
         if protocol is None or not protocol.made:
             stats.current -= 1
             sock.close()
+
+
+def bind_socket(bind: Bind) -> socket.socket:
+    """A listening, non-blocking socket on ``bind`` (every address, both families, for ``""``);
+    nothing is accepted from it yet.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    host, port = bind.host, bind.port
+    if host:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=False)
+    elif socket.has_dualstack_ipv6():
+        sock = socket.create_server(
+            ("::", port), family=socket.AF_INET6, backlog=BACKLOG, dualstack_ipv6=True
+        )
+    else:
+        sock = socket.create_server(("0.0.0.0", port), backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(slots=True)
+class Opening:
+    """What a listener made ready for new settings and has not applied yet: a reload prepares every
+    listener first (binds the new addresses, loads the certificates), so that one that fails
+    changes nothing, then commits them all. ``sockets`` / ``server``: bound, not accepting yet
+    (none when the address did not change)."""
+
+    settings: ListenerOptions
+    tls: ssl.SSLContext | None = None
+    max_packet_size: int | None = None
+    sockets: list[socket.socket] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    def discard(self) -> None:
+        """Close what was bound (the reload failed, or this listener is not wanted after all)."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 class Acceptor:
@@ -216,19 +309,16 @@ class Acceptor:
         Raises:
             OSError: the address cannot be bound.
         """
-        host, port = self._bind.host, self._bind.port
-        if host:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=False)
-        elif socket.has_dualstack_ipv6():
-            sock = socket.create_server(
-                ("::", port), family=socket.AF_INET6, backlog=BACKLOG, dualstack_ipv6=True
-            )
-        else:
-            sock = socket.create_server(("0.0.0.0", port), backlog=BACKLOG)
-        sock.setblocking(False)
-        self._sockets.append(sock)
-        self._loops.append(asyncio.create_task(self._accept(sock)))
+        self.serve(self._bind, [bind_socket(self._bind)])
+
+    def serve(self, bind: Bind, sockets: list[socket.socket]) -> None:
+        """Accept from ``sockets`` (bound to ``bind``) from now on; the sockets accepted from so far
+        are closed (connections accepted from them go on)."""
+        self.stop()
+        self._bind = bind
+        for sock in sockets:
+            self._sockets.append(sock)
+            self._loops.append(asyncio.create_task(self._accept(sock)))
 
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) pairs bound."""

@@ -103,6 +103,15 @@ AddressCheck = Callable[[str, str], "Verdict | None"]
 RefusalHook = Callable[[str, "ClientAddress", str], None]
 
 
+class RefusalLog(Protocol):
+    """Logs one refusal as a WARNING: ``(reason, client ip, logger, message, *args)``. The broker
+    passes one that aggregates repeats per (reason, address), so that a client retrying without
+    end cannot flood the log; without one, every refusal is logged."""
+
+    def __call__(self, reason: str, ip: str, log: logging.Logger, message: str, *args: object) -> None:
+        """Log ``message % args`` on ``log``, or count it. Never raises."""
+
+
 @dataclass
 class ListenerStats:
     """Live counters of one listener, read by the admin API and metrics.
@@ -115,6 +124,10 @@ class ListenerStats:
     current: int = 0
     accepted: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    #: Connections the peer closed without sending a byte of the client's own stream (nothing at
+    #: all, or only a PROXY header, LOCAL or not): load balancers' health checks (HAProxy
+    #: ``check``), logged at DEBUG only.
+    health_checks: int = 0
 
 
 def refuse(
@@ -125,12 +138,18 @@ def refuse(
     *,
     reason: str,
     message: str,
+    log: RefusalLog | None = None,
 ) -> None:
-    """Count, log once (socket peer, reason, and the real client when known) and report a refusal.
+    """Count, log (socket peer, reason, and the real client when known; through ``log`` when
+    given, which may hold repeats back) and report a refusal.
 
     The caller closes the connection or answers it. Raises what ``hook`` raises.
     """
     stats.refused[reason] += 1
-    logger.warning("%s refused %s: %s [%s]", listener_id, address.describe(), message, reason)
+    line = "%s refused %s: %s [%s]"
+    if log is None:
+        logger.warning(line, listener_id, address.describe(), message, reason)
+    else:
+        log(reason, address.ip, logger, line, listener_id, address.describe(), message, reason)
     if hook is not None:
         hook(listener_id, address, reason)

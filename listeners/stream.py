@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable
 from typing import cast
 
 from listeners.address import ClientAddress, format_hostport
-from listeners.connection import CLOSE_TIMEOUT, ListenerStats, RefusalHook, Sink, SinkFactory, refuse
+from listeners.connection import (
+    CLOSE_TIMEOUT,
+    ListenerStats,
+    RefusalHook,
+    RefusalLog,
+    Sink,
+    SinkFactory,
+    refuse,
+)
 from listeners.errors import ProxyProtocolError
 from listeners.gate import ProxyGate, client_address, refusal_at_accept
 from listeners.options import ListenerOptions, ProxyProtocolMode
@@ -40,14 +48,23 @@ WRITE_LOW_WATER = 16 * 1024
 
 class ListenerContext:
     """What the connections of one listener share: its settings, counters, sink factory, and the
-    live connections (for :meth:`abort_all` at shutdown)."""
+    live connections (for :meth:`abort_all` at shutdown).
+
+    ``settings`` is read by each connection when it needs a setting (at accept, for its PROXY
+    header, its upgrade): a reload replaces the object, and what comes next follows the new one.
+    """
 
     def __init__(
-        self, settings: ListenerOptions, factory: SinkFactory, on_refused: RefusalHook | None
+        self,
+        settings: ListenerOptions,
+        factory: SinkFactory,
+        on_refused: RefusalHook | None,
+        log_refusal: RefusalLog | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
         self.on_refused = on_refused
+        self.log_refusal = log_refusal
         self.stats = ListenerStats()
         self.connections: set[ClientProtocol] = set()
 
@@ -61,7 +78,14 @@ class ListenerContext:
 
         Raises what the ``on_refused`` hook raises.
         """
-        refuse(self.id, self.stats, self.on_refused, address, reason=reason, message=message)
+        log = self.log_refusal
+        refuse(self.id, self.stats, self.on_refused, address, reason=reason, message=message, log=log)
+
+    def health_check(self, peer: str) -> None:
+        """Count a connection closed by its peer before it sent a byte of its own stream (nothing,
+        or only a PROXY header): a load balancer's health check, routine, so DEBUG only."""
+        self.stats.health_checks += 1
+        logger.debug("%s: %s health check (closed without sending MQTT)", self.id, peer)
 
     def abort_all(self) -> None:
         """Drop every live connection at once (the last step of shutdown)."""
@@ -89,6 +113,7 @@ class ClientProtocol(asyncio.Protocol):
         "_header_timer",
         "_made",
         "_peer",
+        "_quiet",
         "_receiver",
         "_sink",
         "_transport",
@@ -115,6 +140,9 @@ class ClientProtocol(asyncio.Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
+        #: Nothing of the client's own stream received yet (a complete PROXY header does not count):
+        #: if the peer closes now, it was a health check.
+        self._quiet = True
 
     # ---------------------------------------------------------------------------------------------
     # asyncio.Protocol: called by the transport
@@ -181,7 +209,8 @@ class ClientProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._gate is not None:
             self._gate = None
-            logger.debug("%s: %s closed before sending a PROXY header", self._context.id, self.peer)
+            if not self._quiet:  # a part of a header (nothing at all is a health check)
+                logger.debug("%s: %s closed before sending a PROXY header", self._context.id, self.peer)
         # MQTT has no half-closed state, and after our close() this is the client's answer: let
         # the transport close (it flushes what is queued first).
         return None
@@ -192,10 +221,13 @@ class ClientProtocol(asyncio.Protocol):
                 timer.cancel()
         self._gate = None
         self._receiver = None
+        by_peer = not self._closing  # FIN or RST, not our close, abort or refusal
         self._closing = True
         context = self._context
         context.connections.discard(self)
         if self._counted:
+            if self._quiet and by_peer:
+                context.health_check(self.peer)
             self._counted = False
             context.stats.current -= 1
             logger.debug("%s: %s closed; %d live", context.id, self.peer, context.stats.current)
@@ -271,6 +303,11 @@ class ClientProtocol(asyncio.Protocol):
         """Whether the connection is closing or gone."""
         return self._closing or self._transport.is_closing()
 
+    @property
+    def sink(self) -> Sink | None:
+        """The engine's side of this connection, once the address is known."""
+        return self._sink
+
     # ---------------------------------------------------------------------------------------------
     # Steps, some of them overridden by the WebSocket protocol
     # ---------------------------------------------------------------------------------------------
@@ -284,9 +321,19 @@ class ClientProtocol(asyncio.Protocol):
         stream), to the engine."""
         sink = self._hand_over(address)
         if sink is not None and not self.is_closing:  # the factory may have closed the link already
-            self._receiver = sink.data_received
             if rest:
+                self._quiet = False
+                self._receiver = sink.data_received
                 sink.data_received(rest)
+            else:  # the first read flips _quiet; the ones after it go straight to the sink
+                self._receiver = self._first_data
+
+    def _first_data(self, data: bytes) -> None:
+        self._quiet = False
+        sink = self._sink
+        if sink is not None:
+            self._receiver = sink.data_received
+            sink.data_received(data)
 
     def _hand_over(self, address: ClientAddress) -> Sink | None:
         """Ask the engine for this connection's sink; ``None`` when it failed (logged, aborted)."""
@@ -311,6 +358,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _feed_gate(self, data: bytes) -> None:
         assert self._gate is not None
+        self._quiet = False  # until the header is complete
         try:
             result = self._gate.feed(data)
         except ProxyProtocolError as exc:
@@ -319,6 +367,7 @@ class ClientProtocol(asyncio.Protocol):
         if result is NEED_DATA:
             return
         header, rest = result
+        self._quiet = not rest
         self._gate = None
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -334,6 +383,7 @@ class ClientProtocol(asyncio.Protocol):
     def _refuse(self, reason: str, message: str) -> None:
         """Count, log and report a refusal of the socket peer, and drop the connection."""
         self._gate = None
+        self._closing = True
         self._context.refuse(ClientAddress.direct(*self._peer), reason, message)
         self._transport.abort()
 

@@ -38,13 +38,13 @@ from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from listeners.acceptor import Acceptor, accept_tls, load_tls_context
+from listeners.acceptor import Acceptor, Opening, accept_tls, bind_socket, load_tls_context
 from listeners.address import AddressSource, ClientAddress, normalize_ip
-from listeners.connection import AddressCheck, ListenerStats, RefusalHook, SinkFactory
+from listeners.connection import AddressCheck, ListenerStats, RefusalHook, RefusalLog, SinkFactory
 from listeners.errors import ForwardedHeaderError
 from listeners.forwarded import HeaderRules, resolve
 from listeners.gate import peer_refusal
-from listeners.options import UNLIMITED, ListenerOptions
+from listeners.options import UNLIMITED, Bind, ListenerOptions
 from listeners.proxy_protocol import ProxyHeader
 from listeners.stream import ClientProtocol, ListenerContext
 
@@ -180,6 +180,7 @@ class WebSocketProtocol(ClientProtocol):
     def _receive(self, data: bytes) -> None:
         ws = self._ws
         assert ws is not None
+        self._quiet = False
         ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Request):
@@ -236,7 +237,7 @@ class WebSocketProtocol(ClientProtocol):
             if data:
                 transport.write(data)
                 continue
-            if self._sink is None and ws.handshake_exc is not None:
+            if self._sink is None and ws.handshake_exc is not None and not self._quiet:
                 # No request, a malformed one, or one websockets refused (no "mqtt" subprotocol,
                 # not an upgrade): routine for health checks and scanners, hence DEBUG.
                 logger.debug(
@@ -259,11 +260,16 @@ class WebSocketProtocol(ClientProtocol):
         ws = self._ws
         if ws is None or ws.state is CONNECTING:
             logger.debug("%s: %s: no WebSocket upgrade within %gs", self._context.id, self.peer, OPEN_TIMEOUT)
+            self._closing = True  # ours: not a health check
             self._transport.abort()
 
 
 class WebSocketListener:
-    """One ``listeners.ws.<name>`` or ``listeners.wss.<name>``."""
+    """One ``listeners.ws.<name>`` or ``listeners.wss.<name>``.
+
+    Its settings, path, header rules, largest message and certificates are read per connection (a
+    reload swaps them with :meth:`prepare` / :meth:`commit`, as on TCP listeners).
+    """
 
     def __init__(
         self,
@@ -273,21 +279,27 @@ class WebSocketListener:
         on_refused: RefusalHook | None = None,
         admit: AddressCheck | None = None,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        log_refusal: RefusalLog | None = None,
     ) -> None:
-        assert settings.websocket is not None, "ws listeners always have websocket options"
-        self.settings = settings
-        self._context = ListenerContext(settings, factory, on_refused)
+        self._context = ListenerContext(settings, factory, on_refused, log_refusal)
         self._admit = admit
         self._max_size = max_packet_size
+        self._take(settings)
+        self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
+        self._tls: ssl.SSLContext | None = None
+        #: The address the listening sockets are bound to (None before start).
+        self._bound: Bind | None = None
+
+    def _take(self, settings: ListenerOptions) -> None:
+        assert settings.websocket is not None, "ws listeners always have websocket options"
+        self.settings = self._context.settings = settings
         self._path = settings.websocket.mqtt_path
         self._rules = HeaderRules(
             address_header=settings.websocket.proxy_address_header,
             port_header=settings.websocket.proxy_port_header,
             trusted_proxies=settings.trusted_proxies,
         )
-        self._server: asyncio.Server | None = None
-        self._acceptor: Acceptor | None = None
-        self._tls: ssl.SSLContext | None = None
 
     @property
     def id(self) -> str:
@@ -306,15 +318,53 @@ class WebSocketListener:
             OSError: the address cannot be bound; or (wss), with errno 0 and the problem as its
                 message, a certificate or key cannot be used.
         """
-        bind = self.settings.bind
-        if self.settings.ssl_options is not None:
-            self._tls = load_tls_context(self.settings)
-            self._acceptor = Acceptor(bind, self._on_tls_socket)
-            self._acceptor.start()
-            return
-        self._server = await asyncio.get_running_loop().create_server(
-            self._protocol, bind.host or None, bind.port, reuse_address=True
-        )
+        await self.commit(await self.prepare(self.settings))
+
+    async def prepare(self, settings: ListenerOptions, *, max_packet_size: int | None = None) -> Opening:
+        """Make ready to take ``settings`` and ``max_packet_size`` (``mqtt.max_packet_size``: the
+        largest message of the connections to come): load the certificates (wss; read again at
+        every reload), bind the address if it changed, without accepting yet. Nothing changes
+        until :meth:`commit`.
+
+        Raises:
+            OSError: the address cannot be bound; or (wss), with errno 0 and the problem as its
+                message, a certificate or key cannot be used.
+        """
+        opening = Opening(settings, max_packet_size=max_packet_size)
+        if settings.ssl_options is not None:
+            opening.tls = load_tls_context(settings)
+        if settings.bind != self._bound:
+            bind = settings.bind
+            if settings.ssl_options is not None:
+                opening.sockets = [bind_socket(bind)]
+            else:
+                opening.server = await asyncio.get_running_loop().create_server(
+                    self._protocol, bind.host or None, bind.port, reuse_address=True, start_serving=False
+                )
+        return opening
+
+    async def commit(self, opening: Opening) -> None:
+        """Take what :meth:`prepare` made ready: the next connection follows the new settings (its
+        path, header rules, certificates); a new address accepts from now on and the old one is
+        closed (its connections go on)."""
+        settings = opening.settings
+        self._take(settings)
+        if opening.max_packet_size is not None:
+            self._max_size = opening.max_packet_size
+        self._tls = opening.tls
+        sockets, opening.sockets = opening.sockets, []
+        server, opening.server = opening.server, None
+        if sockets:
+            if self._acceptor is None:
+                self._acceptor = Acceptor(settings.bind, self._on_tls_socket)
+            self._acceptor.serve(settings.bind, sockets)
+            self._bound = settings.bind
+        elif server is not None:
+            old, self._server = self._server, server
+            self._bound = settings.bind
+            await server.start_serving()
+            if old is not None:
+                old.close()
 
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) pairs actually bound."""
@@ -333,9 +383,17 @@ class WebSocketListener:
 
     def abort_connections(self) -> None:
         """Drop every live connection at once (last step of shutdown)."""
+        self.cancel_pending()
+        self._context.abort_all()
+
+    def connections(self) -> list[ClientProtocol]:
+        """The live connections (accepted, not yet gone)."""
+        return list(self._context.connections)
+
+    def cancel_pending(self) -> None:
+        """Drop the connections still in their PROXY header or TLS handshake (wss)."""
         if self._acceptor is not None:
             self._acceptor.cancel_pending()
-        self._context.abort_all()
 
     def _protocol(self, header: ProxyHeader | None = None, *, counted: bool = False) -> WebSocketProtocol:
         return WebSocketProtocol(self._context, self._decide, self._max_size, counted=counted, header=header)

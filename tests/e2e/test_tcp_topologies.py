@@ -27,6 +27,7 @@ from tests.support import (
     ctl,
     example_broker_config,
     local_port,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -333,3 +334,44 @@ def test_a_plain_client_is_refused_by_a_proxy_protocol_listener(
     )
     clients.new("via-lb").connect("127.0.0.1", nginx_port, bind_address="127.0.0.41")
     assert client_info(broker, "via-lb")["ip_address"] == "127.0.0.41"
+
+
+@pytest.mark.parametrize("check", ["check", "check check-send-proxy"], ids=["tcp-check", "send-proxy-local"])
+def test_haproxy_health_checks_are_counted_and_not_logged(
+    start_broker: BrokerFactory, peers: Peers, clients: Clients, check: str
+) -> None:
+    """HAProxy's ``check``: a TCP connect and close, or (``check-send-proxy``) a PROXY v2 LOCAL
+    header and close. Counted per listener, at DEBUG only; a client through it is served as ever."""
+    broker = start_broker(
+        example_broker_config(
+            "haproxy/tcp-send-proxy-v2.yaml",
+            {"127.0.0.1:1883": "127.0.0.1:0", "127.0.0.1/32": f"{HAPROXY_SOURCE}/32"},
+        ),
+        log_level="info",
+    )
+    mark = broker.log_mark()
+    port = free_port()
+    config = render_example(
+        "haproxy/tcp-send-proxy-v2.cfg",
+        {
+            "maxconn 10000": "maxconn 1000",
+            "bind :1884": f"bind 127.0.0.1:{port}",
+            "server broker1 127.0.0.1:1883 send-proxy-v2": (
+                f"server broker1 127.0.0.1:{broker.port('tcp:default')} source {HAPROXY_SOURCE} "
+                f"send-proxy-v2 {check} inter 100ms"
+            ),
+        },
+    )
+    peers(HAProxy, "haproxy", config).wait_listening(("127.0.0.1", port))
+
+    def checks() -> int:
+        listeners = json.loads(ctl(broker, "listeners", "--json").stdout)
+        return int(listeners[0]["health_checks"])
+
+    wait_until(lambda: checks() >= 3, what="three HAProxy health checks")
+    clients.new("checked").connect("127.0.0.1", port, bind_address="127.0.0.46")
+    assert client_info(broker, "checked")["ip_address"] == "127.0.0.46"
+    listener = json.loads(ctl(broker, "listeners", "--json").stdout)[0]
+    assert listener["refused"] == {}
+    noisy = [line for line in broker.lines[mark:] if "listeners." in line or "refused" in line]
+    assert noisy == []

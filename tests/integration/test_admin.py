@@ -26,6 +26,7 @@ from tests.support import (
     ctl,
     listener_config,
     metric_samples,
+    wait_until,
 )
 
 BrokerFactory = Callable[..., BrokerProcess]
@@ -186,7 +187,12 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_not(start_broker: BrokerFa
     again = BrokerProcess(config, first.workdir)
     try:
         again.wait_ready()
+        # A second broker on the same data dir is stopped by the store's lock first...
         clash = BrokerProcess(config, first.workdir)
+        assert clash.proc.wait(WAIT) == 1
+        clash.wait_for_log(r"persistence\.file: data/store\.sqlite3: the store is in use by another process")
+        # ...and without a store, by the live admin socket.
+        clash = BrokerProcess({**config, "persistence": {"enable": False}}, first.workdir)
         assert clash.proc.wait(WAIT) == 1
         clash.wait_for_log(r"admin\.listen: another broker is serving data/admin\.sock")
     finally:
@@ -262,3 +268,95 @@ def test_ctl_listeners_counts_refusals_at_connect_too(broker: BrokerProcess) -> 
     listeners = json.loads(ctl(broker, "listeners", "--json").stdout)
     assert listeners[0]["id"] == "tcp:default" and listeners[0]["refused"] == {"banned": 1}
     assert "refused=banned:1" in ctl(broker, "listeners").stdout
+
+
+def test_a_banned_client_hammering_connect_logs_little_but_every_refusal_is_counted(
+    start_broker: BrokerFactory,
+) -> None:
+    from tests.mqtt_raw import connect, read_packet
+
+    broker = start_broker(
+        broker_config(
+            tcp={
+                "default": listener_config(),
+                "pp": listener_config(proxy_protocol=True, trusted_proxies=["127.0.0.60/32"]),
+            }
+        ),
+        log_level="info",
+    )
+    assert ctl(broker, "banned", "add", "peerhost", "127.0.0.97").returncode == 0
+    mark = broker.log_mark()
+    for n in range(20):
+        with socket.create_connection(
+            ("127.0.0.1", broker.port("tcp:default")), timeout=WAIT, source_address=("127.0.0.97", 0)
+        ) as sock:
+            sock.sendall(connect(f"hammer-{n}"))
+            assert read_packet(sock) == (0x20, b"\x00\x05")
+        # And a peer that is not a trusted balancer, refused by the listener before MQTT.
+        with socket.create_connection(
+            ("127.0.0.1", broker.port("tcp:pp")), timeout=WAIT, source_address=("127.0.0.98", 0)
+        ) as sock:
+            assert sock.recv(1) == b""
+    key = ("realip_connects_refused_total", (("reason", "banned"),))
+    wait_until(lambda: metric_samples(broker).get(key) == 20, what="20 CONNECTs refused in /metrics")
+    untrusted = ("realip_connections_refused_total", (("listener", "tcp:pp"), ("reason", "untrusted_proxy")))
+    wait_until(lambda: metric_samples(broker).get(untrusted) == 20, what="20 peers refused in /metrics")
+    listeners = {entry["id"]: entry for entry in json.loads(ctl(broker, "listeners", "--json").stdout)}
+    assert listeners["tcp:default"]["refused"] == {"banned": 20}
+    warnings = [line for line in broker.lines[mark:] if " WARNING " in line]
+    assert 1 <= len([line for line in warnings if "[banned]" in line]) <= 2, warnings
+    assert 1 <= len([line for line in warnings if "[untrusted_proxy]" in line]) <= 2, warnings
+
+
+def test_health_checks_are_counted_per_listener_and_logged_at_debug_only(start_broker: BrokerFactory) -> None:
+    from listeners.proxy_protocol import build_v2
+
+    broker = start_broker(
+        broker_config(
+            tcp={
+                "default": listener_config(),
+                "pp": listener_config(proxy_protocol=True, trusted_proxies=["127.0.0.1/32"]),
+            }
+        ),
+        log_level="info",
+    )
+    mark = broker.log_mark()
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", broker.port("tcp:default")), timeout=WAIT).close()
+        with socket.create_connection(("127.0.0.1", broker.port("tcp:pp")), timeout=WAIT) as sock:
+            sock.sendall(build_v2(command="LOCAL"))  # HAProxy's check with check-send-proxy
+    for listener in ("tcp:default", "tcp:pp"):
+        key = ("realip_health_checks_total", (("listener", listener),))
+        wait_until(
+            lambda key=key: metric_samples(broker).get(key) == 3, what=f"3 health checks on {listener}"
+        )
+    listeners = {entry["id"]: entry for entry in json.loads(ctl(broker, "listeners", "--json").stdout)}
+    assert [listeners[name]["health_checks"] for name in ("tcp:default", "tcp:pp")] == [3, 3]
+    assert listeners["tcp:pp"]["refused"] == {}
+    assert "health_checks=3" in ctl(broker, "listeners").stdout
+    assert broker.lines[mark:] == []  # nothing at INFO or above
+
+
+def test_ctl_config_finds_a_relative_socket_where_the_broker_made_it(
+    broker: BrokerProcess, tmp_path: Any
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def ctl_from(cwd: Any, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "ctl", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+    # admin.listen is "unix:data/admin.sock": relative to the broker's working directory.
+    found = ctl_from(elsewhere, "--config", str(broker.config_path), "status", "--json")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["listeners"] == ["tcp:default", "ws:default"]
+    # --admin stays relative to ctl's own directory, as written.
+    alone = ctl_from(elsewhere, "--admin", "unix:data/admin.sock", "status")
+    assert alone.returncode == 1 and "unix:data/admin.sock" in alone.stderr

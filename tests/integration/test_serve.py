@@ -290,6 +290,14 @@ def test_a_port_in_use_is_a_clear_error(start_broker: BrokerFactory, tmp_path: A
         assert broker.proc.wait(WAIT) == 1
         broker.wait_for_log(rf"listeners\.tcp\.default\.bind: cannot listen on 127\.0\.0\.1:{port}: ")
         assert "Traceback" not in broker.output()
+        # Worded as README says, and the last line: nothing claims "stopped" after it.
+        assert broker.lines[-1].endswith(
+            f" ERROR broker: listeners.tcp.default.bind: cannot listen on 127.0.0.1:{port}: "
+            "Address already in use"
+        ), broker.output()
+        assert "realip-broker stopped" not in broker.output()
+        readme = (REPO / "README.md").read_text()
+        assert "`listeners.tcp.default.bind: cannot listen on 0.0.0.0:1883: Address already in use`" in readme
 
 
 def test_json_log_to_a_file_and_the_level_changed_while_running(tmp_path: Any) -> None:

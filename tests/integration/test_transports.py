@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -903,3 +904,206 @@ async def test_wss_with_and_without_a_proxy_header(harness: Harness, pki: Pki) -
         assert (sink.address.ip, sink.address.proxy_ip) == ("2001:db8::7", LB)
     await harness.until(lambda: all(s.lost for s in harness.sinks), "every connection_lost")
     assert (listener.stats.current, listener.stats.accepted) == (0, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Health checks: a peer that closes before sending a byte of its own stream (nothing, or only a
+# PROXY header, LOCAL or not) is counted, and logged at DEBUG only
+# --------------------------------------------------------------------------------------------------
+
+LOCAL = build_v2(command="LOCAL")  # what HAProxy's `check` sends with `check-send-proxy`
+
+
+async def eventually(predicate: Callable[[], object], what: str) -> None:
+    """Poll ``predicate`` (for what no sink or hook reports, such as a counter)."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def close_with(writer: asyncio.StreamWriter, how: str) -> None:
+    if how == "rst":  # HAProxy closes its checks with a reset (SO_LINGER 0), saving a TIME_WAIT
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+def loud_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("listeners")]
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+@pytest.mark.parametrize(
+    ("kind", "mode", "prefix"),
+    [
+        ("tcp", "false", b""),
+        ("tcp", "true", b""),
+        ("tcp", "true", LOCAL),
+        ("tcp", "true", V1),
+        ("tcp", "optional", LOCAL),
+        ("ws", "false", b""),
+        ("ws", "true", LOCAL),
+    ],
+    ids=[
+        "tcp",
+        "tcp-proxy-nothing",
+        "tcp-proxy-local",
+        "tcp-proxy-v1",
+        "tcp-optional-local",
+        "ws",
+        "ws-local",
+    ],
+)
+async def test_health_checks_are_counted_at_debug(
+    harness: Harness, caplog: pytest.LogCaptureFixture, kind: str, mode: str, prefix: bytes, how: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    trusted = [] if mode == "false" else ["127.0.0.1/32"]
+    listener = getattr(harness, kind)(proxy_protocol=mode, trusted_proxies=trusted)
+    address = await harness.start(listener)
+    for _ in range(3):
+        _, writer = await open_client(address)
+        if prefix:
+            writer.write(prefix)
+            await writer.drain()
+            await eventually(lambda: listener.stats.current, "the connection")
+            await let_the_server_read()
+        await close_with(writer, how)
+    await eventually(lambda: listener.stats.health_checks == 3, "three health checks")
+    await eventually(lambda: listener.stats.current == 0, "the connections to go")
+    assert harness.refusals == []
+    assert loud_records(caplog) == []
+    assert "health check (closed without sending MQTT)" in caplog.text
+
+
+async def test_what_is_not_a_health_check(harness: Harness) -> None:
+    listener = harness.tcp(proxy_protocol="true", proxy_protocol_timeout=0.3)
+    address = await harness.start(listener)
+    # PROXY LOCAL then MQTT: a real client (HAProxy's own checks send LOCAL; the address is the LB's).
+    _, client = await open_client(address)
+    client.write(LOCAL + CONNECT)
+    sink = await harness.sink()
+    assert await harness.received(sink, len(CONNECT)) == CONNECT
+    assert sink.address.source is AddressSource.SOCKET
+    await close_with(client, "fin")
+    # Part of a header, then a close.
+    _, partial = await open_client(address)
+    partial.write(V1[:10])
+    await partial.drain()
+    await let_the_server_read()
+    await close_with(partial, "fin")
+    # Silent until we close it (proxy_timeout): our close, a refusal.
+    silent_reader, silent = await open_client(address)
+    assert (await harness.refusal()).reason == "proxy_timeout"
+    assert await closed_by_server(silent_reader)
+    silent.close()
+    await eventually(lambda: listener.stats.current == 0, "the connections to go")
+    assert listener.stats.health_checks == 0
+
+
+async def test_ssl_health_checks_are_not_tls_errors(
+    harness: Harness, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    listener = harness.ssl(ssl_options=ssl_options(pki), proxy_protocol="optional", trusted_proxies=[LB])
+    address = await harness.start(listener)
+    _, writer = await open_client(address)
+    await close_with(writer, "fin")
+    _, local = await open_client(address, source=LB)
+    local.write(LOCAL)
+    await close_with(local, "rst")
+    await eventually(lambda: listener.stats.health_checks == 2, "two health checks")
+    assert harness.refusals == [] and loud_records(caplog) == []
+    # A TLS session without MQTT (HAProxy's check-ssl) is one too.
+    _, writer = await asyncio.open_connection(*address, ssl=client_tls(pki), server_hostname="localhost")
+    await close_with(writer, "fin")
+    await eventually(lambda: listener.stats.health_checks == 3, "a TLS health check")
+    assert harness.refusals == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Reload: prepare (what can fail) then commit; what comes next follows the new settings
+# --------------------------------------------------------------------------------------------------
+
+
+async def test_new_settings_apply_to_the_next_connection_only(harness: Harness) -> None:
+    harness.echo = True
+    listener = harness.tcp()
+    address = await harness.start(listener)
+    reader, before = await open_client(address)
+    before.write(CONNECT)
+    assert await read_exactly(reader, len(CONNECT)) == CONNECT
+    strict = settings("tcp", proxy_protocol="true", trusted_proxies=[f"{LB}/32"])
+    await listener.commit(await listener.prepare(strict))
+    assert listener.addresses()[0] == address  # same bind: same socket
+    # The connection made before goes on; a new one must come from the balancer, with a header.
+    before.write(CONNECT)
+    assert await read_exactly(reader, len(CONNECT)) == CONNECT
+    stranger_reader, stranger = await open_client(address, source=STRANGER)
+    assert (await harness.refusal()).reason == "untrusted_proxy"
+    assert await closed_by_server(stranger_reader)
+    sock = raw_socket_with_header(address, V1, LB)
+    sock.sendall(CONNECT)
+    sink = await harness.sink(1)
+    assert (sink.address.ip, sink.address.proxy_ip) == ("203.0.113.7", LB)
+    for w in (before, stranger):
+        w.close()
+    sock.close()
+
+
+async def test_a_new_bind_is_bound_at_prepare_and_served_at_commit(harness: Harness) -> None:
+    harness.echo = True
+    listener = harness.tcp()
+    old = await harness.start(listener)
+    reader, before = await open_client(old)
+    moved = settings("tcp", bind=Bind("127.0.0.2", 0))
+    opening = await listener.prepare(moved)
+    assert listener.addresses()[0] == old  # nothing changed yet
+    await listener.commit(opening)
+    new = listener.addresses()[0]
+    assert new[0] == "127.0.0.2"
+    with pytest.raises(ConnectionRefusedError):
+        await open_client(old)
+    _, after = await open_client(new)
+    await harness.sink(1)
+    before.write(CONNECT)  # accepted from the old socket: goes on
+    assert await read_exactly(reader, len(CONNECT)) == CONNECT
+    for w in (before, after):
+        w.close()
+
+
+async def test_a_failed_prepare_changes_nothing(harness: Harness, pki: Pki) -> None:
+    listener = harness.ssl(ssl_options=ssl_options(pki))
+    address = await harness.start(listener)
+    broken = settings(
+        "ssl", bind=Bind("127.0.0.2", 0), ssl_options=SslOptions(certfile="/nope.pem", keyfile="/nope.key")
+    )
+    with pytest.raises(OSError, match=r"certfile: cannot read /nope\.pem") as info:
+        await listener.prepare(broken)
+    assert info.value.errno == 0
+    assert listener.addresses()[0] == address
+    _, writer = await asyncio.open_connection(*address, ssl=client_tls(pki), server_hostname="localhost")
+    writer.write(CONNECT)
+    await harness.sink()
+    writer.close()
+
+
+async def test_ws_takes_new_header_rules_and_message_size(harness: Harness) -> None:
+    listener = harness.ws(address_header="X-Forwarded-For", trusted_proxies=["127.0.0.60/32"])
+    address = await harness.start(listener)
+    headers = {"X-Forwarded-For": "203.0.113.9"}
+    async with ws_connect(address, additional_headers=headers):
+        assert (await harness.sink(0)).address.ip == "127.0.0.1"  # not trusted: header ignored
+    trusting = settings("ws", address_header="X-Forwarded-For", trusted_proxies=["127.0.0.1/32"])
+    await listener.commit(await listener.prepare(trusting, max_packet_size=16))
+    async with ws_connect(address, additional_headers=headers) as ws:
+        assert (await harness.sink(1)).address.ip == "203.0.113.9"
+        await ws.send(b"x" * 17)  # above the new largest message: closed with 1009
+        with pytest.raises(ConnectionClosedError) as closed:
+            await asyncio.wait_for(ws.recv(), WAIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
