@@ -171,10 +171,13 @@ class AdminServer:
         operations: Operations,
         *,
         reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        cluster: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
-        """``reload`` re-reads the configuration (``POST /api/v1/reload``)."""
+        """``reload`` re-reads the configuration (``POST /api/v1/reload``); ``cluster`` is the
+        cluster's status (``GET /api/v1/cluster``), None when this node is not in one."""
         self.settings = settings
         self._reload = reload
+        self._cluster = cluster
         self._started = time.monotonic()
         self._engine = engine
         self._listeners = listeners
@@ -190,6 +193,7 @@ class AdminServer:
             authorization=lambda: engine.source_results,
             ban_write_failures=lambda: operations.bans.write_failures if operations is not None else 0,
             store=engine.store_stats,
+            cluster=cluster or dict,
         )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None
@@ -215,6 +219,7 @@ class AdminServer:
                 web.delete("/api/v1/authentication/users/{user_id}", self._delete_user),
                 web.post("/api/v1/reload", self._reload_config),
                 web.get("/api/v1/status", self._status),
+                web.get("/api/v1/cluster", self._cluster_status),
                 web.get("/api/v1/subscriptions", self._subscriptions),
                 web.get("/api/v1/retained", self._retained),
                 web.get("/api/v1/retained/{topic:.+}", self._retained_one),
@@ -296,7 +301,17 @@ class AdminServer:
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        if self._cluster is None:
+            return web.json_response({"status": "ok"})
+        redis = self._cluster()["redis"]
+        # Still serving its own clients without Redis: degraded, not down (200 either way).
+        state = "ok" if redis["up"] else "degraded"
+        return web.json_response({"status": state, "cluster": {"redis": "up" if redis["up"] else "down"}})
+
+    async def _cluster_status(self, request: web.Request) -> web.Response:
+        if self._cluster is None:
+            return web.json_response({"enabled": False})
+        return web.json_response({"enabled": True, **self._cluster()})
 
     async def _clients(self, request: web.Request) -> web.Response:
         page = _int_param(request, "page", 1, 1, 10**9)

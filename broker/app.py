@@ -31,6 +31,7 @@ from broker.auth.scram import ScramCredentials, ScramExchange
 from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
 from broker.channel import Channel
+from broker.cluster.node import ClusterError, ClusterNode
 from broker.engine import Engine, EngineHooks
 from broker.errors import ConfigError, RealIPError
 from broker.listener_changes import ListenerChanges, plan_listeners
@@ -235,12 +236,24 @@ class BrokerApp:
             sources=self.sources,
             store=self.store if settings.persistence.enable else None,
         )
+        node_name = settings.node.name or f"realip@{socket.gethostname()}"
+        self.cluster: ClusterNode | None = None
+        if settings.cluster.enable:
+            # Attached before the sessions are restored: their subscriptions are routes too.
+            self.cluster = ClusterNode(
+                settings.cluster,
+                node_name,
+                self.engine.deliver_remote,
+                self.engine.now,
+                version=__version__,
+            )
+            self.engine.cluster = self.cluster
         self.sys_topics: SysTopics | None = None
         if sys_settings.enable:
             self.sys_topics = SysTopics(
                 self.engine.publish,
                 self.engine,
-                node=settings.node.name or f"realip@{socket.gethostname()}",
+                node=node_name,
                 interval=sys_settings.sys_msg_interval,
                 started=time.monotonic(),
                 version=__version__,
@@ -265,7 +278,12 @@ class BrokerApp:
         self.admin: AdminServer | None = None
         if settings.admin.listen.path is not None or settings.admin.listen.is_tcp:
             self.admin = AdminServer(
-                settings.admin, self.engine, self.listeners, self.operations, reload=self.reload
+                settings.admin,
+                self.engine,
+                self.listeners,
+                self.operations,
+                reload=self.reload,
+                cluster=None if self.cluster is None else self.cluster.status,
             )
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -328,6 +346,12 @@ class BrokerApp:
                 sessions,
                 self.store.location,
             )
+        if self.cluster is not None:  # before any listener: routes known before the first PUBLISH
+            try:
+                await self.cluster.start()
+            except ClusterError as exc:
+                await self.stop()
+                raise StartupError(str(exc)) from None
         if self.sys_topics is not None:  # the retained figures exist before the first client
             self.sys_topics.start(self.engine.loop)
         self._purger = asyncio.create_task(self._purge_bans())
@@ -473,6 +497,7 @@ class BrokerApp:
             audit=self.settings.audit,
             sys_topics=self.settings.sys_topics,
             persistence=self.settings.persistence,
+            cluster=self.settings.cluster,
         )
         # "listeners" changed unless all that changed there waits for a restart.
         applied = [
@@ -603,6 +628,8 @@ class BrokerApp:
         if self.admin is not None:
             await self.admin.stop()
         await self.engine.shutdown()
+        if self.cluster is not None:  # after the sessions: their routes stay until the node leaves
+            await self.cluster.stop()
         for listener in (*self.listeners, *self._stopped_listeners):
             listener.abort_connections()
         # Let the connection tasks see their sockets close before the loop ends.

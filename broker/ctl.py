@@ -257,6 +257,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("retained_topic", metavar="TOPIC")
         command.add_argument("--json", action="store_true")
 
+    cluster = topics.add_parser("cluster", help="the cluster this node is part of")
+    cluster_actions = cluster.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cluster_status = cluster_actions.add_parser("status", help="nodes, heartbeats, routes, Redis")
+    cluster_status.add_argument("--json", action="store_true")
+
     reload = topics.add_parser("reload", help="read the config file again and apply what can change live")
     reload.add_argument("--json", action="store_true")
 
@@ -334,6 +339,27 @@ def _users(client: AdminClient, args: argparse.Namespace) -> int:
         _print_json(data if data is not None else {"user_id": args.username, "deleted": True})
     else:
         say("ok" if data is None else user_line(data))
+    return 0
+
+
+def _cluster(client: AdminClient, args: argparse.Namespace) -> int:
+    """``cluster status``: this node, Redis, every live node with its heartbeat and routes."""
+    status, data = client.request("GET", "/api/v1/cluster")
+    _check(status, data)
+    if args.json:
+        _print_json(data)
+        return 0
+    if not data["enabled"]:
+        say("not in a cluster (cluster.enable: false)")
+        return 0
+    redis = data["redis"]
+    say(f"node: {data['node']}")
+    say(f"redis: {redis['url']} {'up' if redis['up'] else 'DOWN'}")
+    for node in data["nodes"]:
+        mark = " (this node)" if node["self"] else ""
+        say(f"Node({node['name']}{mark}, heartbeat_age={node['heartbeat_age']}s, routes={node['routes']})")
+    forwarded = ", ".join(f"{node}={count}" for node, count in sorted(data["forwarded"].items()))
+    say(f"forwarded: {forwarded or 'nothing'}; received: {data['received']}; backlog: {data['backlog']}")
     return 0
 
 
@@ -484,6 +510,8 @@ def run(args: argparse.Namespace) -> int:
             return _users(client, args)
         if args.topic in ("status", "subscriptions", "retained"):
             return _views(client, args)
+        if args.topic == "cluster":
+            return _cluster(client, args)
         if args.topic == "reload":
             status, data = client.request("POST", "/api/v1/reload")
             if args.json:

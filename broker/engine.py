@@ -177,6 +177,21 @@ class EngineHooks(Protocol):
         return None
 
 
+class ClusterLink(Protocol):
+    """The cluster, as the engine sees it (``broker.cluster.node.ClusterNode``): told every local
+    subscription change and every PUBLISH, inline and in O(1)."""
+
+    def subscribed(self, topic_filter: str) -> None:
+        """A local session subscribed to ``topic_filter`` (it had not)."""
+
+    def unsubscribed(self, topic_filter: str) -> None:
+        """A local session's subscription to ``topic_filter`` went."""
+
+    def forward(self, message: Message) -> int:
+        """Send ``message`` to the other nodes that want it; returns how many nodes."""
+        return 0
+
+
 class _NoHooks(EngineHooks):
     """Reports nothing."""
 
@@ -307,6 +322,8 @@ class Engine:
         self._pumping: set[Channel] = set()
         self._all_closed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The cluster this node is part of (set before sessions are restored), or None.
+        self.cluster: ClusterLink | None = None
 
     def reconfigure(
         self,
@@ -353,6 +370,14 @@ class Engine:
         if self._loop is None:
             raise RuntimeError("the MQTT engine is not started")
         return self._loop
+
+    def now(self) -> float:
+        """The engine's clock (its loop's).
+
+        Raises:
+            RuntimeError: the engine is not started.
+        """
+        return self.loop.time()
 
     async def start(self) -> None:
         """Bind the engine to the running loop (nothing else to set up)."""
@@ -1056,7 +1081,24 @@ class Engine:
         return StoredWill(message, delay)
 
     def route(self, message: Message) -> int:
-        """Deliver a message to every matching subscriber: one copy per client, at
+        """Deliver a message to every local subscriber (:meth:`route_local`) and hand it to the
+        cluster for the other nodes' subscribers; returns how many sessions here and nodes there
+        it went to."""
+        count = self.route_local(message)
+        if self.cluster is not None:
+            count += self.cluster.forward(message)
+        return count
+
+    def deliver_remote(self, messages: list[Message]) -> None:
+        """Messages another node of the cluster forwarded: delivered to this node's subscribers,
+        and retained here when they are retained (every node keeps every retained message)."""
+        for message in messages:
+            self.route_local(message)
+            if message.retain:
+                self.retain(message, None)
+
+    def route_local(self, message: Message) -> int:
+        """Deliver a message to every matching subscriber of this node: one copy per client, at
         min(publish QoS, the highest QoS of its matching subscriptions) [MQTT-3.3.5-1] (or the
         subscription's QoS with ``upgrade_qos``), with the identifiers of every subscription it
         matched (MQTT 5 3.3.4), never back to its publisher through a No Local subscription
@@ -1162,6 +1204,8 @@ class Engine:
         return entry
 
     def _subscribed(self, session: EngineSession, topic_filter: str, options: SubOptions) -> None:
+        if self.cluster is not None and topic_filter not in session.subscriptions:
+            self.cluster.subscribed(topic_filter)
         session.subscriptions[topic_filter] = options
         if session.store is not None:
             session.store.put_subscription(session.client_id, topic_filter, options)
@@ -1177,6 +1221,8 @@ class Engine:
         self._routes.clear()
 
     def _unsubscribed(self, session: EngineSession, topic_filter: str) -> None:
+        if self.cluster is not None:
+            self.cluster.unsubscribed(topic_filter)
         if session.store is not None:
             session.store.delete_subscription(session.client_id, topic_filter)
         shared = _shared(topic_filter)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -72,10 +72,12 @@ class BrokerCollector(Collector):
         authorization: Callable[[], Mapping[tuple[str, str], int]] = dict,
         ban_write_failures: Callable[[], int] = int,
         store: Callable[[], Mapping[str, int]] = dict,
+        cluster: Callable[[], Mapping[str, Any]] = dict,
     ) -> None:
         """``authentication``: answers by (authenticator, result); ``failure_bans``: addresses
         banned for failed authentications; ``authorization``: source answers by (source, result);
-        ``store``: the persistence store's counters (none when it is off)."""
+        ``store``: the persistence store's counters (none when it is off); ``cluster``: the
+        cluster's status (``ClusterNode.status``; none when this node is not in one)."""
         self._listeners = listeners
         self._messages = messages
         self._sessions = sessions
@@ -85,6 +87,7 @@ class BrokerCollector(Collector):
         self._authorization = authorization
         self._ban_write_failures = ban_write_failures
         self._store = store
+        self._cluster = cluster
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus-client)."""
@@ -196,6 +199,7 @@ class BrokerCollector(Collector):
             yield GaugeMetricFamily(
                 "realip_store_pending", "Changes not yet handed to the store's writer", value=store["pending"]
             )
+        yield from self._cluster_metrics()
         sizes = self._sizes()
         for key, help_text in (
             ("sessions", "Sessions held, connected or not"),
@@ -206,6 +210,40 @@ class BrokerCollector(Collector):
         ):
             if key in sizes:
                 yield GaugeMetricFamily(f"realip_{key}", help_text, value=sizes[key])
+
+    def _cluster_metrics(self) -> Iterator[Metric]:
+        status = self._cluster()
+        if not status:
+            return
+        for name, help_text, value in (
+            (
+                "realip_cluster_redis_up",
+                "Whether this node reaches the cluster's Redis",
+                int(status["redis"]["up"]),
+            ),
+            ("realip_cluster_nodes", "Live nodes of the cluster, this one included", len(status["nodes"])),
+            (
+                "realip_cluster_backlog",
+                "Messages held for other nodes, not yet written to Redis",
+                status["backlog"],
+            ),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        forwarded = CounterMetricFamily(
+            "realip_cluster_forwarded", "Messages forwarded to other nodes, by node", labels=["node"]
+        )
+        for node, count in sorted(status["forwarded"].items()):
+            forwarded.add_metric([node], count)
+        yield forwarded
+        received = CounterMetricFamily("realip_cluster_received", "Messages received from other nodes")
+        received.add_metric([], status["received"])
+        yield received
+        dropped = CounterMetricFamily(
+            "realip_cluster_dropped", "Messages not forwarded or not readable, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(status["dropped"].items()):
+            dropped.add_metric([reason], count)
+        yield dropped
 
 
 def render(collector: BrokerCollector) -> bytes:

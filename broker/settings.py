@@ -435,6 +435,51 @@ class PersistenceSettings:
     flush_interval: float = setting(1.0, parse_flush_interval, format_duration)
 
 
+def parse_redis_url(value: Any) -> str:
+    """A ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL (redis-py's forms).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(value, str) or not re.match(r"^(rediss?://[^/?#\s]+|unix:///\S+)", value):
+        raise ValueError(
+            f"{value!r} is not a redis:// (or rediss://, unix://) URL, e.g. 'redis://127.0.0.1:6379/0'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """``cluster.redis``: the Redis (or Valkey) server the nodes share."""
+
+    url: str = setting("redis://127.0.0.1:6379/0", parse_redis_url)
+
+
+def parse_short_duration(value: Any) -> float:
+    """A duration from 100ms to 1h (``cluster.heartbeat_interval``, ``cluster.node_timeout``).
+
+    Raises:
+        ValueError: not a duration, or out of that range.
+    """
+    seconds = parse_duration(value)
+    if not 0.1 <= seconds <= 3600:
+        raise ValueError(f"{value!r} is not between 100ms and 1h")
+    return seconds
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """``cluster``: this node as one of several sharing a Redis (see README "Cluster")."""
+
+    #: Off by default: a single broker needs no Redis.
+    enable: bool = setting(False, parse_bool)
+    redis: RedisSettings = field(default_factory=RedisSettings, metadata={"section": RedisSettings})
+    #: How often this node says it is alive.
+    heartbeat_interval: float = setting(1.0, parse_short_duration, format_duration)
+    #: A node not heard of for this long is gone: its routes are dropped.
+    node_timeout: float = setting(5.0, parse_short_duration, format_duration)
+
+
 def parse_interval(value: Any) -> float:
     """A duration of at least one second (``sys_topics.sys_msg_interval``).
 
@@ -1069,6 +1114,7 @@ class Settings:
     authentication_policy: AuthenticationPolicy = field(default_factory=AuthenticationPolicy)
     sys_topics: SysTopicsSettings = field(default_factory=SysTopicsSettings)
     persistence: PersistenceSettings = field(default_factory=PersistenceSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def store_file(self) -> str:
@@ -1296,6 +1342,7 @@ _SECTIONS = (
     "log",
     "sys_topics",
     "persistence",
+    "cluster",
 )
 
 
@@ -1321,6 +1368,14 @@ def load_settings(raw: Any, source: str = "") -> Settings:
     log = _build(LogSettings, document.get("log"), "log", problems)
     sys_topics = _build(SysTopicsSettings, document.get("sys_topics"), "sys_topics", problems)
     persistence = _build(PersistenceSettings, document.get("persistence"), "persistence", problems)
+    cluster = _build(ClusterSettings, document.get("cluster"), "cluster", problems)
+    if cluster.enable and cluster.node_timeout <= 2 * cluster.heartbeat_interval:
+        problems.append(
+            ConfigProblem(
+                "cluster.node_timeout",
+                "must be more than twice cluster.heartbeat_interval (a node would seem gone between beats)",
+            )
+        )
     policy_raw = document.get("authentication_policy")
     policy = _build(AuthenticationPolicy, policy_raw, "authentication_policy", problems)
     if admin.listen.is_tcp and len(admin.token) < MIN_TOKEN_LENGTH:
@@ -1345,6 +1400,7 @@ def load_settings(raw: Any, source: str = "") -> Settings:
         log=log,
         sys_topics=sys_topics,
         persistence=persistence,
+        cluster=cluster,
     )
 
 
@@ -1420,6 +1476,7 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
         "log": _dump_dataclass(settings.log),
         "sys_topics": _dump_dataclass(settings.sys_topics),
         "persistence": _dump_dataclass(settings.persistence),
+        "cluster": _dump_dataclass(settings.cluster),
     }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.pki import Pki, make_pki
-from tests.support import BrokerProcess, Clients
+from tests.support import BrokerProcess, Clients, RedisServer
 
 
 @pytest.fixture
@@ -42,3 +42,13 @@ def clients() -> Iterator[Clients]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA, a server certificate (localhost, 127.0.0.1, ::1) and client certificates, made once."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (the cluster's shared state)."""
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir).start()
+    yield server
+    server.stop()

@@ -38,9 +38,7 @@ def require_binary(name: str) -> str:
     """The path of a peer program; skip the test when it is missing (fail under REQUIRE_E2E=1)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if path is None:
-        message = (
-            f"{name} is not installed (apt-get install nginx libnginx-mod-stream haproxy mosquitto-clients)"
-        )
+        message = f"{name} is not installed (apt-get install nginx libnginx-mod-stream haproxy mosquitto-clients redis-server)"
         if REQUIRE_E2E:
             pytest.fail(message)
         pytest.skip(message)
@@ -411,3 +409,63 @@ def metric_samples(broker: BrokerProcess) -> dict[tuple[str, tuple[tuple[str, st
         for family in text_string_to_metric_families(body.decode())
         for sample in family.samples
     }
+
+
+class RedisServer:
+    """A redis-server of the test's own on 127.0.0.1 (never the system's service): no disc
+    persistence; :meth:`stop` and :meth:`start` again on the same port (Redis going away and
+    coming back)."""
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.e2e.peers import free_port
+
+        self.binary = require_binary("redis-server")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        """Start it and wait until it answers PING."""
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_until(self._pong, what=f"redis-server on port {self.port} to answer PING")
+        return self
+
+    def _pong(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command's raw reply (RESP), for assertions on what the nodes wrote."""
+        request = f"*{len(args)}\r\n" + "".join(f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(request.encode())
+            return sock.recv(1 << 16)
+
+    def stop(self) -> None:
+        """Kill it (what the nodes see as Redis going away)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(WAIT)

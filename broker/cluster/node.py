@@ -1,0 +1,503 @@
+"""This node as one of a cluster on Redis: heartbeat, routes, forwarding (the asyncio glue).
+
+Keys (all under ``realip:``):
+
+- ``node:{name}``: this node's record (JSON: instance, pid, started, version), with an expiry of
+  ``cluster.node_timeout`` renewed every ``cluster.heartbeat_interval``;
+- ``nodes``: a sorted set, node name -> last heartbeat (ms since the epoch): who is in the cluster;
+- ``routes:{name}``: a set, the route filters of the node's local subscriptions;
+- ``inbox:{name}``: a stream, batches of messages forwarded to the node (``wire.py``), trimmed to
+  about :data:`INBOX_LENGTH` batches;
+- ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining.
+
+Four tasks per node, none per message: the heartbeat, the event listener, the inbox reader, and the
+sender, which writes everything queued since its last write in one pipeline (route changes in the
+order they happened, then one ``XADD`` per target node), so that a burst of publishes is a few
+Redis commands and the order from one publisher to one node is kept. The engine calls
+:meth:`ClusterNode.forward` inline for each PUBLISH: a cached route lookup and a list append.
+
+When Redis goes away, each task logs once (WARNING), the node keeps serving its local clients
+(what it would forward is held, up to :data:`MAX_BACKLOG` messages, then dropped and counted), and
+``/metrics`` and ``ctl cluster status`` say so; when it is back the node registers again, writes its
+routes again and reads everyone's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from broker.cluster import wire
+from broker.cluster.routes import LocalFilters, RouteTable, route_filter
+from broker.core.session import Message
+from broker.errors import RealIPError
+from broker.settings import ClusterSettings
+
+logger = logging.getLogger(__name__)
+
+PREFIX: Final = "realip:"
+EVENTS: Final = PREFIX + "events"
+NODES: Final = PREFIX + "nodes"
+#: Batches kept in a node's inbox stream (approximately): what a node slow to read may fall behind.
+INBOX_LENGTH: Final = 10_000
+#: Messages held for other nodes while Redis cannot take them; beyond, new ones are dropped.
+MAX_BACKLOG: Final = 100_000
+#: Messages per batch (one stream entry).
+BATCH_MESSAGES: Final = 1_000
+#: Seconds between attempts while Redis is away.
+RETRY_DELAY: Final = 1.0
+#: Milliseconds the inbox reader blocks in XREAD.
+READ_BLOCK_MS: Final = 1_000
+
+#: Drop reasons (``realip_cluster_dropped_total{reason}``).
+BACKLOG_FULL: Final = "backlog_full"
+UNDECODABLE: Final = "undecodable"
+
+
+class ClusterError(RealIPError):
+    """This node cannot join: another live node has its name, or Redis refuses it at start."""
+
+
+def _node_key(name: str) -> str:
+    return f"{PREFIX}node:{name}"
+
+
+def _routes_key(name: str) -> str:
+    return f"{PREFIX}routes:{name}"
+
+
+def _inbox_key(name: str) -> str:
+    return f"{PREFIX}inbox:{name}"
+
+
+class ClusterNode:
+    """This node's side of the cluster (see the module's docstring).
+
+    ``deliver`` routes a batch of messages from another node to the local subscribers (and keeps
+    the retained ones); ``clock`` is the engine's (expiry times travel as time left).
+    """
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        name: str,
+        deliver: Callable[[list[Message]], None],
+        clock: Callable[[], float],
+        version: str = "",
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.routes = RouteTable()
+        self.local = LocalFilters()
+        #: node -> last heartbeat seen (ms since the epoch), the live ones
+        self.nodes: dict[str, int] = {}
+        self.redis_up = False
+        #: when the state last changed (time.time())
+        self.redis_since = time.time()
+        self.forwarded: Counter[str] = Counter()
+        self.received = 0
+        self.dropped: Counter[str] = Counter()
+        self._deliver = deliver
+        self._clock = clock
+        self._version = version
+        self._instance = uuid.uuid4().hex
+        self._started = time.time()
+        self._redis: aioredis.Redis | None = None
+        self._outbox: dict[str, list[Message]] = {}
+        self._backlog = 0
+        self._ops: list[tuple[str, str]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+        #: A resync is due (after Redis came back).
+        self._rejoin = False
+
+    # ------------------------------------------------------------------ the engine's side
+
+    def subscribed(self, topic_filter: str) -> None:
+        """A local subscription to ``topic_filter`` (its route appears with the first)."""
+        route = route_filter(topic_filter)
+        if self.local.add(route) and self._running:
+            self._ops.append(("add", route))
+            self._wake.set()
+
+    def unsubscribed(self, topic_filter: str) -> None:
+        """A local subscription went (its route goes with the last)."""
+        route = route_filter(topic_filter)
+        if self.local.remove(route) and self._running:
+            self._ops.append(("del", route))
+            self._wake.set()
+
+    def forward(self, message: Message) -> int:
+        """Queue ``message`` for the other nodes with a matching route (every live node, for a
+        retained one: each keeps it); returns how many nodes. ``$SYS`` stays on its node."""
+        if message.topic.startswith("$SYS"):
+            return 0
+        targets: Iterable[str] = self.routes.match(message.topic)
+        if message.retain:
+            targets = [node for node in self.nodes if node != self.name]
+        count = 0
+        for node in targets:
+            if self._backlog >= MAX_BACKLOG:
+                self.dropped[BACKLOG_FULL] += 1
+                continue
+            self._outbox.setdefault(node, []).append(message)
+            self._backlog += 1
+            count += 1
+        if count:
+            self._wake.set()
+        return count
+
+    # ------------------------------------------------------------------ start and stop
+
+    async def start(self) -> None:
+        """Join: claim the name, publish this node's routes, read everyone's, start the tasks.
+
+        Raises:
+            ClusterError: Redis cannot be reached, or a live node has this name.
+        """
+        self._redis = aioredis.from_url(
+            self.settings.redis.url,
+            socket_connect_timeout=self.settings.node_timeout,
+            socket_timeout=None,
+            health_check_interval=30,
+        )
+        try:
+            await self._claim_name()
+            await self._join()
+        except RedisError as exc:
+            await self._close_redis()
+            raise ClusterError(f"cluster.redis.url: cannot use {self.settings.redis.url}: {exc}") from None
+        except ClusterError:
+            await self._close_redis()
+            raise
+        self._running = True
+        self._set_up(True)
+        for coroutine in (self._heartbeat(), self._listen(), self._read_inbox(), self._send()):
+            self._tasks.append(asyncio.create_task(coroutine))
+        logger.info(
+            "cluster: node %s joined through %s (%d other node(s), %d route(s))",
+            self.name,
+            self.settings.redis.url,
+            len(self.nodes) - 1,
+            len(self.routes),
+        )
+
+    async def stop(self) -> None:
+        """Leave: what is queued is sent (briefly), the record and routes deleted. Never raises."""
+        if not self._running:
+            return
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        redis = self._redis
+        if redis is not None and self.redis_up:
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._write_pending(redis)
+                    pipe = redis.pipeline(transaction=False)
+                    pipe.delete(_node_key(self.name), _routes_key(self.name))
+                    pipe.zrem(NODES, self.name)
+                    await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.warning("cluster: could not leave cleanly (%s); the others drop this node later", exc)
+        await self._close_redis()
+        logger.info("cluster: node %s left", self.name)
+
+    async def _close_redis(self) -> None:
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+
+    def _record(self) -> str:
+        return json.dumps(
+            {
+                "instance": self._instance,
+                "pid": os.getpid(),
+                "started": self._started,
+                "version": self._version,
+            }
+        )
+
+    async def _claim_name(self) -> None:
+        redis = self._require()
+        existing = await redis.get(_node_key(self.name))
+        if existing is None:
+            return
+        seen = await redis.zscore(NODES, self.name)
+        age = time.time() - (seen or 0) / 1000
+        if age < 2 * self.settings.heartbeat_interval:
+            try:
+                other = json.loads(existing)
+            except ValueError:
+                other = {}
+            raise ClusterError(
+                f"node.name: {self.name!r} is the name of a live node of the cluster (pid "
+                f"{other.get('pid')}, heartbeat {age:.1f}s ago): give each node its own node.name"
+            )
+        logger.warning(
+            "cluster: taking over the name %r of a node last heard %.1fs ago (restarted?)", self.name, age
+        )
+
+    async def _join(self) -> None:
+        """Register, publish this node's routes, read the others'."""
+        redis = self._require()
+        now_ms = int(time.time() * 1000)
+        pipe = redis.pipeline(transaction=True)
+        pipe.set(_node_key(self.name), self._record(), px=int(self.settings.node_timeout * 1000))
+        pipe.zadd(NODES, {self.name: now_ms})
+        pipe.delete(_routes_key(self.name))
+        filters = list(self.local)
+        if filters:
+            pipe.sadd(_routes_key(self.name), *filters)
+        pipe.publish(EVENTS, f"hello\0{self.name}")
+        await pipe.execute()
+        self._ops.clear()  # what was queued is in the set now
+        await self._read_nodes()
+
+    async def _read_nodes(self) -> None:
+        """Who is alive, and every live node's routes (a full read)."""
+        redis = self._require()
+        now_ms = int(time.time() * 1000)
+        since = now_ms - int(self.settings.node_timeout * 1000)
+        alive: Any = await redis.zrangebyscore(NODES, since, "+inf", withscores=True)
+        self.nodes = {_text(name): int(score) for name, score in alive}
+        self.nodes.setdefault(self.name, now_ms)
+        for node in list(self.routes.nodes()):
+            if node not in self.nodes:
+                self.routes.drop(node)
+        for node in self.nodes:
+            if node != self.name:
+                self.routes.replace(node, _texts(await redis.smembers(_routes_key(node))))
+
+    def _require(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise ClusterError("cluster: not started")
+        return self._redis
+
+    def _set_up(self, up: bool, why: object = None) -> None:
+        if up == self.redis_up:
+            return
+        self.redis_up = up
+        self.redis_since = time.time()
+        if up:
+            logger.warning("cluster: Redis at %s reachable again: rejoining", self.settings.redis.url)
+        else:
+            logger.warning(
+                "cluster: Redis at %s unreachable (%s): serving local clients only, retrying",
+                self.settings.redis.url,
+                why,
+            )
+            self._rejoin = True
+
+    async def _recover(self) -> None:
+        """After a failure: wait, then rejoin if Redis answers (raises again if not)."""
+        await asyncio.sleep(RETRY_DELAY)
+        if self._rejoin:
+            await self._join()
+            self._rejoin = False
+        self._set_up(True)
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            try:
+                await asyncio.sleep(interval)
+                if self._rejoin:
+                    await self._recover()
+                await self._beat()
+            except (RedisError, OSError) as exc:
+                self._set_up(False, exc)
+
+    async def _beat(self) -> None:
+        redis = self._require()
+        now_ms = int(time.time() * 1000)
+        since = now_ms - int(self.settings.node_timeout * 1000)
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(_node_key(self.name), self._record(), px=int(self.settings.node_timeout * 1000))
+        pipe.zadd(NODES, {self.name: now_ms})
+        pipe.zrangebyscore(NODES, since, "+inf", withscores=True)
+        pipe.zrangebyscore(NODES, "-inf", f"({since}")
+        _, _, alive, gone = await pipe.execute()
+        before = set(self.nodes)
+        self.nodes = {_text(name): int(score) for name, score in alive}
+        for raw in gone:
+            node = _text(raw)
+            if node == self.name:
+                continue
+            logger.warning(
+                "cluster: node %s is gone (no heartbeat for %gs)", node, self.settings.node_timeout
+            )
+            self.routes.drop(node)
+            self._outbox.pop(node, None)
+            cleanup = redis.pipeline(transaction=False)
+            cleanup.zrem(NODES, node)
+            cleanup.delete(_routes_key(node))
+            await cleanup.execute()
+        for node in set(self.nodes) - before - {self.name}:  # joined while we did not listen
+            self.routes.replace(node, _texts(await redis.smembers(_routes_key(node))))
+        self._backlog = sum(len(queued) for queued in self._outbox.values())
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                redis = self._require()
+                async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(EVENTS)
+                    if self._rejoin:
+                        await self._recover()
+                    else:
+                        await self._read_nodes()  # what changed before the subscription
+                    async for event in pubsub.listen():
+                        await self._on_event(event)
+            except (RedisError, OSError) as exc:
+                self._set_up(False, exc)
+                await asyncio.sleep(RETRY_DELAY)
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        data = event.get("data")
+        if not isinstance(data, bytes):
+            return
+        kind, _, rest = data.decode(errors="replace").partition("\0")
+        node, _, topic_filter = rest.partition("\0")
+        if node == self.name or not node:
+            return
+        if kind == "add":
+            self.routes.add(node, topic_filter)
+            self.nodes.setdefault(node, int(time.time() * 1000))
+        elif kind == "del":
+            self.routes.remove(node, topic_filter)
+        elif kind == "hello":
+            self.nodes[node] = int(time.time() * 1000)
+            self.routes.replace(node, _texts(await self._require().smembers(_routes_key(node))))
+            logger.info("cluster: node %s joined", node)
+        elif kind == "bye":
+            self.routes.drop(node)
+            self.nodes.pop(node, None)
+
+    async def _read_inbox(self) -> None:
+        key = _inbox_key(self.name)
+        last: str | None = None
+        while True:
+            try:
+                redis = self._require()
+                if last is None:  # from what is there now on (what came for a former run is old)
+                    tail: Any = await redis.xrevrange(key, count=1)
+                    last = _text(tail[0][0]) if tail else "0-0"
+                answer: Any = await redis.xread({key: last}, block=READ_BLOCK_MS, count=100)
+                for _, entries in answer or ():
+                    for entry_id, fields in entries:
+                        last = _text(entry_id)
+                        self._on_batch(fields.get(b"m", b""))
+            except (RedisError, OSError) as exc:
+                self._set_up(False, exc)
+                await asyncio.sleep(RETRY_DELAY)
+
+    def _on_batch(self, data: bytes) -> None:
+        try:
+            messages = wire.decode(data, self._clock())
+        except wire.WireError as exc:
+            self.dropped[UNDECODABLE] += 1
+            logger.error("cluster: a batch in %s could not be read (%s): dropped", _inbox_key(self.name), exc)
+            return
+        self.received += len(messages)
+        self._deliver(messages)
+
+    async def _send(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                redis = self._require()
+                if self._rejoin:
+                    await self._recover()
+                await self._write_pending(redis)
+            except (RedisError, OSError) as exc:
+                self._set_up(False, exc)
+                await asyncio.sleep(RETRY_DELAY)
+                self._wake.set()  # what is held goes when Redis is back
+
+    async def _write_pending(self, redis: aioredis.Redis) -> None:
+        """Route changes, then the held messages, in one pipeline; kept if it fails."""
+        ops, outbox = self._ops, self._outbox
+        if not ops and not outbox:
+            return
+        now = self._clock()
+        pipe = redis.pipeline(transaction=False)
+        for kind, topic_filter in ops:
+            if kind == "add":
+                pipe.sadd(_routes_key(self.name), topic_filter)
+            else:
+                pipe.srem(_routes_key(self.name), topic_filter)
+            pipe.publish(EVENTS, f"{kind}\0{self.name}\0{topic_filter}")
+        sent: Counter[str] = Counter()
+        for node, messages in outbox.items():
+            for start in range(0, len(messages), BATCH_MESSAGES):
+                chunk = messages[start : start + BATCH_MESSAGES]
+                pipe.xadd(
+                    _inbox_key(node), {"m": wire.encode(chunk, now)}, maxlen=INBOX_LENGTH, approximate=True
+                )
+            sent[node] += len(messages)
+        self._ops, self._outbox = [], {}
+        try:
+            await pipe.execute()
+        except BaseException:
+            self._ops = ops + self._ops  # kept, before what came meanwhile
+            for node, messages in outbox.items():
+                self._outbox[node] = messages + self._outbox.get(node, [])
+            raise
+        self._backlog = sum(len(queued) for queued in self._outbox.values())
+        self.forwarded.update(sent)
+
+    # ------------------------------------------------------------------ reports
+
+    def status(self) -> dict[str, Any]:
+        """What ``ctl cluster status`` shows. Never raises."""
+        now_ms = time.time() * 1000
+        return {
+            "node": self.name,
+            "redis": {
+                "url": self.settings.redis.url,
+                "up": self.redis_up,
+                "since": self.redis_since,
+            },
+            "nodes": [
+                {
+                    "name": node,
+                    "self": node == self.name,
+                    "heartbeat_age": round(max(0.0, now_ms - seen) / 1000, 3),
+                    "routes": len(self.local) if node == self.name else len(self.routes.filters(node)),
+                }
+                for node, seen in sorted(self.nodes.items())
+            ],
+            "forwarded": dict(self.forwarded),
+            "received": self.received,
+            "backlog": self._backlog,
+            "dropped": dict(self.dropped),
+        }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(values: Iterable[bytes | str]) -> list[str]:
+    return [_text(value) for value in values]

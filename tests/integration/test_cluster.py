@@ -1,0 +1,196 @@
+"""A cluster of real broker processes on a real redis-server: messages cross nodes at every QoS with
+3.1.1 and 5.0 clients, routes follow subscriptions, retained messages reach every node, a dead node
+is dropped, Redis going away and coming back, a name already live refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.integration.test_mqtt5 import V5Clients
+from tests.routes import Route
+from tests.support import (
+    WAIT,
+    BrokerProcess,
+    Clients,
+    RedisServer,
+    broker_config,
+    ctl,
+    listener_config,
+    metric_samples,
+    wait_until,
+)
+
+BrokerFactory = Callable[..., BrokerProcess]
+
+
+def node_config(redis: RedisServer, name: str, **cluster: Any) -> dict[str, Any]:
+    return broker_config(
+        tcp={"default": listener_config()},
+        node={"name": name},
+        cluster={
+            "enable": True,
+            "redis": {"url": redis.url},
+            "heartbeat_interval": "200ms",
+            "node_timeout": "1s",
+            **cluster,
+        },
+    )
+
+
+def cluster_status(broker: BrokerProcess) -> dict[str, Any]:
+    done = ctl(broker, "cluster", "status", "--json")
+    assert done.returncode == 0, done.stderr
+    status: dict[str, Any] = json.loads(done.stdout)
+    return status
+
+
+def routes_of(broker: BrokerProcess, node: str) -> int | None:
+    """How many routes ``broker`` knows of ``node`` (None: it does not know the node)."""
+    for entry in cluster_status(broker)["nodes"]:
+        if entry["name"] == node:
+            return int(entry["routes"])
+    return None
+
+
+def port(broker: BrokerProcess) -> int:
+    return broker.port("tcp:default")
+
+
+@pytest.fixture
+def two_nodes(start_broker: BrokerFactory, redis_server: RedisServer) -> tuple[BrokerProcess, BrokerProcess]:
+    a = start_broker(node_config(redis_server, "node-a"))
+    b = start_broker(node_config(redis_server, "node-b"))
+    wait_until(lambda: routes_of(a, "node-b") is not None, what="node-a to know node-b")
+    return a, b
+
+
+def test_messages_cross_nodes_both_ways_at_every_qos(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+) -> None:
+    a, b = two_nodes
+    on_a = clients.new("sub-a").connect("127.0.0.1", port(a), bind_address="127.0.0.61")
+    assert on_a.subscribe("orders/#", 2) == [2]
+    v5, v5_a = V5Clients(Route(b, port(b))), V5Clients(Route(a, port(a)))
+    try:
+        on_b = v5.connect("sub-b", source="127.0.0.62")
+        assert v5.connack(on_b)[0] == 0
+        assert on_b.subscribe("alerts/+", 2) == [2]
+        wait_until(lambda: routes_of(b, "node-a") == 1 and routes_of(a, "node-b") == 1, what="both routes")
+        # B -> A: a 3.1.1 publisher on B, the subscriber on A, QoS 0, 1 and 2, in order.
+        publisher_b = clients.new("pub-b").connect("127.0.0.1", port(b), bind_address="127.0.0.63")
+        for qos in (0, 1, 2):
+            publisher_b.publish("orders/new", f"q{qos}".encode(), qos=qos)
+        got = [on_a.expect() for _ in range(3)]
+        assert [(m.topic, m.payload, m.qos) for m in got] == [
+            ("orders/new", b"q0", 0),
+            ("orders/new", b"q1", 1),
+            ("orders/new", b"q2", 2),
+        ]
+        # A -> B: an MQTT 5 subscriber on B gets what a publisher on A sends, properties kept.
+        publisher_a = v5_a.connect("pub-a", source="127.0.0.64")
+        assert v5_a.connack(publisher_a)[0] == 0
+        for qos in (0, 1, 2):
+            publisher_a.publish("alerts/fire", f"q{qos}".encode(), qos=qos, ContentType="text/plain")
+        received = [on_b.expect() for _ in range(3)]
+        assert [(m.topic, m.payload, m.qos) for m in received] == [
+            ("alerts/fire", b"q0", 0),
+            ("alerts/fire", b"q1", 1),
+            ("alerts/fire", b"q2", 2),
+        ]
+        assert all(m.properties.get("ContentType") == "text/plain" for m in received)
+        on_a.expect_nothing()  # nothing it did not subscribe to
+    finally:
+        v5.close_all()
+        v5_a.close_all()
+    samples = metric_samples(b)
+    assert samples[("realip_cluster_forwarded_total", (("node", "node-a"),))] == 3
+    assert samples[("realip_cluster_received_total", ())] == 3
+    assert samples[("realip_cluster_redis_up", ())] == 1
+    assert samples[("realip_cluster_nodes", ())] == 2
+
+
+def test_routes_follow_subscriptions_and_a_dead_node_is_dropped(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+) -> None:
+    a, b = two_nodes
+    subscriber = clients.new("sub").connect("127.0.0.1", port(a))
+    subscriber.subscribe("x/#", 1)
+    subscriber.subscribe("$share/g/x/#", 1)  # routes on x/# too: still one route
+    wait_until(lambda: routes_of(b, "node-a") == 1, what="node-b to learn node-a's route")
+    subscriber.client.unsubscribe("x/#")
+    subscriber.client.unsubscribe("$share/g/x/#")
+    wait_until(lambda: routes_of(b, "node-a") == 0, what="the route to go with the last subscription")
+    publisher = clients.new("pub").connect("127.0.0.1", port(b))
+    publisher.publish("x/y", b"to nobody", qos=1)
+    assert ("realip_cluster_forwarded_total", (("node", "node-a"),)) not in metric_samples(b)
+    # A node killed is dropped by the others once its heartbeat is older than node_timeout.
+    mark = b.log_mark()
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    b.wait_for_log(r"cluster: node node-a is gone \(no heartbeat for 1s\)", start=mark)
+    assert [node["name"] for node in cluster_status(b)["nodes"]] == ["node-b"]
+
+
+def test_retained_messages_reach_every_node(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+) -> None:
+    a, b = two_nodes
+    clients.new("pub").connect("127.0.0.1", port(a)).publish("state/lamp", b"on", qos=1, retain=True)
+    late = clients.new("late").connect("127.0.0.1", port(b))
+
+    def got_it() -> bool:
+        late.subscribe("state/#", 1)
+        try:
+            message = late.expect(timeout=0.2)
+        except Exception:  # queue.Empty: not there yet, subscribe again
+            return False
+        return (message.topic, message.payload, message.retain) == ("state/lamp", b"on", True)
+
+    wait_until(got_it, what="node-b to hold node-a's retained message")
+
+
+def test_redis_going_away_keeps_local_clients_served_and_the_node_rejoins(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = two_nodes
+    on_a = clients.new("sub-a").connect("127.0.0.1", port(a))
+    on_a.subscribe("t/#", 1)
+    wait_until(lambda: routes_of(b, "node-a") == 1, what="node-a's route")
+    mark = a.log_mark()
+    redis_server.stop()
+    a.wait_for_log(r"cluster: Redis at redis://127\.0\.0\.1:\d+/0 unreachable", start=mark)
+    wait_until(lambda: not cluster_status(a)["redis"]["up"], what="node-a to report Redis down")
+    assert metric_samples(a)[("realip_cluster_redis_up", ())] == 0
+    # Local clients are served all along.
+    clients.new("local").connect("127.0.0.1", port(a)).publish("t/local", b"here", qos=1)
+    assert on_a.expect().payload == b"here"
+    redis_server.start()  # an empty Redis: the nodes register and write their routes again
+    a.wait_for_log(r"cluster: Redis at .* reachable again: rejoining", start=mark)
+    wait_until(lambda: routes_of(b, "node-a") == 1, timeout=3 * WAIT, what="node-a's route again")
+    clients.new("remote").connect("127.0.0.1", port(b)).publish("t/remote", b"across", qos=1)
+    assert on_a.expect().payload == b"across"
+    assert a.output().count("unreachable") == 1  # logged once, not per retry
+
+
+def test_a_name_a_live_node_has_is_refused(
+    start_broker: BrokerFactory, redis_server: RedisServer, tmp_path: Any
+) -> None:
+    start_broker(node_config(redis_server, "twin"))
+    (tmp_path / "second").mkdir()
+    second = BrokerProcess(node_config(redis_server, "twin"), tmp_path / "second")
+    try:
+        assert second.proc.wait(WAIT) == 1
+    finally:
+        if second.proc.poll() is None:
+            second.stop(signal.SIGKILL)
+    second.wait_for_log(r"node\.name: 'twin' is the name of a live node of the cluster")
+
+
+def test_ctl_cluster_status_outside_a_cluster(start_broker: BrokerFactory) -> None:
+    broker = start_broker(broker_config(tcp={"default": listener_config()}))
+    done = ctl(broker, "cluster", "status")
+    assert (done.returncode, done.stdout) == (0, "not in a cluster (cluster.enable: false)\n")

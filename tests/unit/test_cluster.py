@@ -1,0 +1,69 @@
+"""broker.cluster's pure parts: the route table, local route counts, the wire format."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.cluster import wire
+from broker.cluster.routes import LocalFilters, RouteTable, route_filter
+from broker.core.session import Message
+
+
+def test_routes_match_each_node_once_and_follow_changes() -> None:
+    table = RouteTable()
+    table.add("b", "orders/#")
+    table.add("b", "orders/+")  # two filters of b match: b once
+    table.add("c", "+/new")
+    assert table.match("orders/new") == ("b", "c")
+    assert table.match("other") == ()
+    table.remove("b", "orders/#")
+    assert table.match("orders/new") == ("b", "c")  # orders/+ still matches (the cache was emptied)
+    table.remove("b", "orders/+")
+    assert table.match("orders/new") == ("c",)
+    table.replace("c", ["x/#"])
+    assert (table.match("orders/new"), table.match("x/y")) == ((), ("c",))
+    table.drop("c")
+    assert (len(table), table.nodes()) == (0, [])
+    table.remove("nobody", "x")  # never raises
+
+
+def test_local_filters_count_subscriptions_and_shares_route_on_their_filter() -> None:
+    local = LocalFilters()
+    assert route_filter("$share/g/x/#") == "x/#"
+    assert route_filter("$share/bad") == "$share/bad"
+    assert local.add("x/#") is True
+    assert local.add(route_filter("$share/g/x/#")) is False  # the route exists already
+    assert local.remove("x/#") is False
+    assert local.remove("x/#") is True  # the last one: the route goes
+    assert local.remove("x/#") is False
+    assert list(local) == []
+
+
+def test_a_batch_round_trips_with_properties_and_expiry_left() -> None:
+    messages = [
+        Message(
+            "a/b",
+            b"\x00\xff",
+            2,
+            True,
+            "pub",
+            {"user_property": [("k", "v")], "correlation_data": b"\x01"},
+            110.0,
+        ),
+        Message("ü/c", b"", 0, False),
+    ]
+    back = wire.decode(wire.encode(messages, now=100.0), now=5.0)
+    assert [(m.topic, m.payload, m.qos, m.retain, m.publisher) for m in back] == [
+        ("a/b", b"\x00\xff", 2, True, "pub"),
+        ("ü/c", b"", 0, False, ""),
+    ]
+    assert back[0].properties == {"user_property": [("k", "v")], "correlation_data": b"\x01"}
+    assert back[0].expires_at == pytest.approx(15.0)  # 10 s left, on the receiver's clock
+    assert (back[1].properties, back[1].expires_at) == (None, None)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-1], lambda b: b[:5], lambda b: b[:20] + b"\xff" * 3])
+def test_a_damaged_batch_is_refused(damage: object) -> None:
+    data = wire.encode([Message("a", b"payload", 1, False, "p", {"content_type": "t"})], now=0.0)
+    with pytest.raises(wire.WireError):
+        wire.decode(damage(data), now=0.0)  # type: ignore[operator]
