@@ -16,6 +16,7 @@ from tests.support import REPO
 
 #: example -> the listeners it opens (what its topology needs, and nothing else).
 EXPECTED = {
+    "cluster/node.yaml": ["tcp:default"],
     "haproxy/tcp-send-proxy-v2.yaml": ["tcp:default"],
     "haproxy/tls-passthrough.yaml": ["ssl:default"],
     "haproxy/tls-termination.yaml": ["tcp:default"],
