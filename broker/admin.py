@@ -41,6 +41,7 @@ from broker import __version__, logs
 from broker.audit import iso8601
 from broker.auth.builtin import UserError
 from broker.bans import BanError
+from broker.cluster.node import ClusterError, ClusterNode
 from broker.core.session import Message
 from broker.engine import Engine, SessionView
 from broker.errors import RealIPError
@@ -171,10 +172,11 @@ class AdminServer:
         operations: Operations,
         *,
         reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-        cluster: Callable[[], dict[str, Any]] | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
-        """``reload`` re-reads the configuration (``POST /api/v1/reload``); ``cluster`` is the
-        cluster's status (``GET /api/v1/cluster``), None when this node is not in one."""
+        """``reload`` re-reads the configuration (``POST /api/v1/reload``); ``cluster`` is this
+        node's side of the cluster, None when it is not in one: the client views are then
+        cluster-wide (each record with its ``node``), and ``GET /api/v1/cluster`` says how it is."""
         self.settings = settings
         self._reload = reload
         self._cluster = cluster
@@ -193,7 +195,7 @@ class AdminServer:
             authorization=lambda: engine.source_results,
             ban_write_failures=lambda: operations.bans.write_failures if operations is not None else 0,
             store=engine.store_stats,
-            cluster=cluster or dict,
+            cluster=dict if cluster is None else cluster.status,
         )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None
@@ -303,7 +305,7 @@ class AdminServer:
     async def _health(self, request: web.Request) -> web.Response:
         if self._cluster is None:
             return web.json_response({"status": "ok"})
-        redis = self._cluster()["redis"]
+        redis = self._cluster.status()["redis"]
         # Still serving its own clients without Redis: degraded, not down (200 either way).
         state = "ok" if redis["up"] else "degraded"
         return web.json_response({"status": state, "cluster": {"redis": "up" if redis["up"] else "down"}})
@@ -311,7 +313,7 @@ class AdminServer:
     async def _cluster_status(self, request: web.Request) -> web.Response:
         if self._cluster is None:
             return web.json_response({"enabled": False})
-        return web.json_response({"enabled": True, **self._cluster()})
+        return web.json_response({"enabled": True, **self._cluster.status()})
 
     async def _clients(self, request: web.Request) -> web.Response:
         page = _int_param(request, "page", 1, 1, 10**9)
@@ -324,6 +326,8 @@ class AdminServer:
                 return _error(400, "BAD_REQUEST", f"ip: {exc}")
         listener = request.query.get("listener")
         username = request.query.get("username")
+        if self._cluster is not None:
+            return await self._cluster_clients(page, limit, network, listener, username)
         views = self._engine.sessions()
         if network is not None:
             networks = Networks([network])
@@ -337,18 +341,65 @@ class AdminServer:
         meta = {"page": page, "limit": limit, "count": len(views), "hasnext": start + limit < len(views)}
         return web.json_response({"data": [client_json(v) for v in chosen], "meta": meta})
 
+    async def _cluster_clients(
+        self,
+        page: int,
+        limit: int,
+        network: IPNetwork | None,
+        listener: str | None,
+        username: str | None,
+    ) -> web.Response:
+        """``GET /api/v1/clients`` in a cluster: every node's clients, from the registry (this
+        node's from its own memory: the freshest)."""
+        assert self._cluster is not None
+        me = self._cluster.name
+        try:
+            remote = [record for record in await self._cluster.clients() if record["node"] != me]
+        except ClusterError as exc:
+            return _error(503, "CLUSTER_UNAVAILABLE", str(exc))
+        records = [{**client_json(view), "node": me} for view in self._engine.sessions()] + remote
+        networks = None if network is None else Networks([network])
+        records = [
+            record
+            for record in records
+            if (networks is None or networks.contains(record["ip_address"]))
+            and (listener is None or record["listener"] == listener)
+            and (username is None or record["username"] == username)
+        ]
+        start = (page - 1) * limit
+        meta = {"page": page, "limit": limit, "count": len(records), "hasnext": start + limit < len(records)}
+        return web.json_response({"data": records[start : start + limit], "meta": meta})
+
     async def _client(self, request: web.Request) -> web.Response:
         client_id = request.match_info["client_id"]
         view = self._engine.session(client_id)
-        if view is None:
-            return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
-        return web.json_response(client_json(view))
+        if view is not None:
+            shown = client_json(view)
+            if self._cluster is not None:
+                shown["node"] = self._cluster.name
+            return web.json_response(shown)
+        if self._cluster is not None:
+            try:
+                record = await self._cluster.client(client_id)
+            except ClusterError as exc:
+                return _error(503, "CLUSTER_UNAVAILABLE", str(exc))
+            if record is not None:
+                return web.json_response(record)
+        return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
 
     async def _kick(self, request: web.Request) -> web.Response:
         client_id = request.match_info["client_id"]
-        if not await self._operations.kick(client_id):
-            return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
-        return web.Response(status=204)
+        if await self._operations.kick(client_id):
+            return web.Response(status=204)
+        if self._cluster is not None:  # on another node: that node kicks it
+            try:
+                record = await self._cluster.client(client_id)
+            except ClusterError as exc:
+                return _error(503, "CLUSTER_UNAVAILABLE", str(exc))
+            if record is not None and record["node"] != self._cluster.name:
+                self._cluster.kick_remote(str(record["node"]), client_id)
+                return web.Response(status=202)
+        return _error(404, "CLIENTID_NOT_FOUND", f"client {client_id} not found")
 
     async def _listeners_view(self, request: web.Request) -> web.Response:
         refused_at_connect = self._engine.counters.refused_by_listener

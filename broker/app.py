@@ -17,7 +17,7 @@ from typing import Any
 
 from broker import __version__, logs
 from broker.access import Gatekeeper
-from broker.admin import AdminServer
+from broker.admin import AdminServer, client_json
 from broker.advice import config_warnings
 from broker.audit import AuditLog
 from broker.auth.base import Authenticator, AuthError
@@ -224,7 +224,9 @@ class BrokerApp:
         self.sources = make_sources(settings)
         sys_settings = settings.sys_topics
         # With $SYS off the engine calls the audit trail directly (no fan-out on its path).
-        hooks: EngineHooks = Hooks(self.audit) if sys_settings.enable else self.audit
+        hooks: EngineHooks = (
+            Hooks(self.audit) if sys_settings.enable or settings.cluster.enable else self.audit
+        )
         self.store = make_store(settings)
         self.engine = Engine(
             settings.mqtt,
@@ -246,8 +248,13 @@ class BrokerApp:
                 self.engine.deliver_remote,
                 self.engine.now,
                 version=__version__,
+                describe=client_json,
+                connected=self.engine.sessions,
+                kick=lambda client_id: self.operations.kick(client_id, by="cluster"),
             )
             self.engine.cluster = self.cluster
+            if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide
+                hooks.add(self.cluster)
         self.sys_topics: SysTopics | None = None
         if sys_settings.enable:
             self.sys_topics = SysTopics(
@@ -283,7 +290,7 @@ class BrokerApp:
                 self.listeners,
                 self.operations,
                 reload=self.reload,
-                cluster=None if self.cluster is None else self.cluster.status,
+                cluster=self.cluster,
             )
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()

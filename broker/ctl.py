@@ -136,10 +136,10 @@ def client_line(client: dict[str, Any]) -> str:
     def hostport(ip: str, port: int) -> str:
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
-    parts = [
-        str(client["clientid"]),
-        f"username={client['username'] if client['username'] is not None else 'undefined'}",
-    ]
+    parts = [str(client["clientid"])]
+    if client.get("node"):  # in a cluster: the node it is connected to
+        parts.append(f"node={client['node']}")
+    parts.append(f"username={client['username'] if client['username'] is not None else 'undefined'}")
     if client.get("authenticated"):
         parts.append("authenticated=true")
     if client.get("is_superuser"):

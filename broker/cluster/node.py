@@ -8,7 +8,12 @@ Keys (all under ``realip:``):
 - ``routes:{name}``: a set, the route filters of the node's local subscriptions;
 - ``inbox:{name}``: a stream, batches of messages forwarded to the node (``wire.py``), trimmed to
   about :data:`INBOX_LENGTH` batches;
-- ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining.
+- ``clients``: a hash, client id -> ``{node}\n{JSON}``: every connected client of the cluster, as
+  the node it is connected to reports it (``ctl clients show``'s fields, the real and the proxy
+  address among them), with ``clients:{name}``, the set of a node's client ids (so that a node
+  that dies can be cleared);
+- ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining,
+  ``kick`` of a client by an operator on another node, ``bye`` of a node leaving.
 
 Four tasks per node, none per message: the heartbeat, the event listener, the inbox reader, and the
 sender, which writes everything queued since its last write in one pipeline (route changes in the
@@ -32,23 +37,30 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cluster import wire
 from broker.cluster.routes import LocalFilters, RouteTable, route_filter
 from broker.core.session import Message
+from broker.engine import EngineHooks
 from broker.errors import RealIPError
 from broker.settings import ClusterSettings
+
+if TYPE_CHECKING:
+    from broker.engine import SessionView
 
 logger = logging.getLogger(__name__)
 
 PREFIX: Final = "realip:"
 EVENTS: Final = PREFIX + "events"
 NODES: Final = PREFIX + "nodes"
+CLIENTS: Final = PREFIX + "clients"
 #: Batches kept in a node's inbox stream (approximately): what a node slow to read may fall behind.
 INBOX_LENGTH: Final = 10_000
 #: Messages held for other nodes while Redis cannot take them; beyond, new ones are dropped.
@@ -63,6 +75,11 @@ READ_BLOCK_MS: Final = 1_000
 #: Drop reasons (``realip_cluster_dropped_total{reason}``).
 BACKLOG_FULL: Final = "backlog_full"
 UNDECODABLE: Final = "undecodable"
+REFUSED: Final = "redis_refused"
+
+#: What "Redis is away" looks like; any other RedisError is Redis refusing a command (a bug, or a
+#: Redis without what we use): logged as an error, not retried.
+_AWAY: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class ClusterError(RealIPError):
@@ -81,11 +98,31 @@ def _inbox_key(name: str) -> str:
     return f"{PREFIX}inbox:{name}"
 
 
-class ClusterNode:
+def _clients_key(name: str) -> str:
+    return f"{PREFIX}clients:{name}"
+
+
+#: Forget a client of node ARGV[2] (KEYS: the clients hash, the node's index), unless another node
+#: has it now (a takeover on another node may have written it since).
+_FORGET_CLIENT: Final = r"""
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if entry and string.sub(entry, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. '\n' then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 0
+"""
+
+
+class ClusterNode(EngineHooks):
     """This node's side of the cluster (see the module's docstring).
 
     ``deliver`` routes a batch of messages from another node to the local subscribers (and keeps
-    the retained ones); ``clock`` is the engine's (expiry times travel as time left).
+    the retained ones); ``clock`` is the engine's (expiry times travel as time left);
+    ``describe`` gives a connected client's record (``ctl clients show``'s JSON), ``connected``
+    every local client's (written again after Redis comes back); ``kick`` disconnects a local
+    client an operator kicked on another node. As an engine hook it keeps the registry of
+    connected clients.
     """
 
     def __init__(
@@ -95,6 +132,10 @@ class ClusterNode:
         deliver: Callable[[list[Message]], None],
         clock: Callable[[], float],
         version: str = "",
+        *,
+        describe: Callable[[SessionView], dict[str, Any]] = lambda view: {"clientid": view.client_id},
+        connected: Callable[[], list[SessionView]] = list,
+        kick: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -110,13 +151,18 @@ class ClusterNode:
         self.dropped: Counter[str] = Counter()
         self._deliver = deliver
         self._clock = clock
+        self._describe = describe
+        self._local_clients = connected
+        self._kick = kick
         self._version = version
         self._instance = uuid.uuid4().hex
         self._started = time.time()
         self._redis: aioredis.Redis | None = None
         self._outbox: dict[str, list[Message]] = {}
         self._backlog = 0
-        self._ops: list[tuple[str, str]] = []
+        #: Writes queued for the sender, in order: ("add"|"del", filter), ("client+", id, record),
+        #: ("client-", id), ("kick", node, id).
+        self._ops: list[tuple[str, ...]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
@@ -159,6 +205,50 @@ class ClusterNode:
             self._wake.set()
         return count
 
+    def connected(self, view: SessionView) -> None:
+        """An engine hook: a local client was admitted (registered cluster-wide)."""
+        if self._running:
+            self._ops.append(("client+", view.client_id, json.dumps(self._describe(view))))
+            self._wake.set()
+
+    def disconnected(self, view: SessionView, reason: str) -> None:
+        """An engine hook: a local client's connection ended (unregistered, if still ours)."""
+        if self._running:
+            self._ops.append(("client-", view.client_id))
+            self._wake.set()
+
+    # ------------------------------------------------------------------ cluster-wide views
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        """The registry's record of ``client_id`` (with ``node``), or None if it is not connected.
+
+        Raises:
+            ClusterError: Redis cannot be reached.
+        """
+        try:
+            raw = await self._require().hget(CLIENTS, client_id)
+        except (*_AWAY, RedisError) as exc:
+            raise ClusterError(f"cluster: Redis at {self.settings.redis.url} unreachable: {exc}") from None
+        return None if raw is None else _client_record(raw)
+
+    async def clients(self) -> list[dict[str, Any]]:
+        """Every client of the cluster, as its node reported it (with ``node``), by client id.
+
+        Raises:
+            ClusterError: Redis cannot be reached.
+        """
+        try:
+            entries: Any = await self._require().hgetall(CLIENTS)
+        except (*_AWAY, RedisError) as exc:
+            raise ClusterError(f"cluster: Redis at {self.settings.redis.url} unreachable: {exc}") from None
+        records = [_client_record(raw) for raw in entries.values()]
+        return sorted((r for r in records if r is not None), key=lambda record: str(record["clientid"]))
+
+    def kick_remote(self, node: str, client_id: str) -> None:
+        """Ask ``node`` to disconnect ``client_id`` (an operator kicked it here)."""
+        self._ops.append(("kick", node, client_id))
+        self._wake.set()
+
     # ------------------------------------------------------------------ start and stop
 
     async def start(self) -> None:
@@ -183,7 +273,7 @@ class ClusterNode:
             await self._close_redis()
             raise
         self._running = True
-        self._set_up(True)
+        self.redis_up, self.redis_since = True, time.time()
         for coroutine in (self._heartbeat(), self._listen(), self._read_inbox(), self._send()):
             self._tasks.append(asyncio.create_task(coroutine))
         logger.info(
@@ -213,7 +303,9 @@ class ClusterNode:
                     pipe = redis.pipeline(transaction=False)
                     pipe.delete(_node_key(self.name), _routes_key(self.name))
                     pipe.zrem(NODES, self.name)
+                    pipe.publish(EVENTS, f"bye\0{self.name}")
                     await pipe.execute()
+                    await self._forget_clients(self.name)
             except (RedisError, OSError, TimeoutError) as exc:
                 logger.warning("cluster: could not leave cleanly (%s); the others drop this node later", exc)
         await self._close_redis()
@@ -268,8 +360,30 @@ class ClusterNode:
             pipe.sadd(_routes_key(self.name), *filters)
         pipe.publish(EVENTS, f"hello\0{self.name}")
         await pipe.execute()
-        self._ops.clear()  # what was queued is in the set now
+        # The registry: what a former run of this node left is cleared, the clients here now
+        # written (after a Redis outage, they may have changed meanwhile).
+        await self._forget_clients(self.name)
+        views = self._local_clients()
+        if views:
+            pipe = redis.pipeline(transaction=False)
+            for view in views:
+                record = json.dumps(self._describe(view))
+                pipe.hset(CLIENTS, view.client_id, f"{self.name}\n{record}")
+                pipe.sadd(_clients_key(self.name), view.client_id)
+            await pipe.execute()
+        self._ops = [op for op in self._ops if op[0] == "kick"]  # the rest is written now
         await self._read_nodes()
+
+    async def _forget_clients(self, node: str) -> None:
+        """Clear ``node``'s clients from the registry (it died, or this is its new run)."""
+        redis = self._require()
+        ids: Any = await redis.smembers(_clients_key(node))
+        if ids:
+            pipe = redis.pipeline(transaction=False)
+            for client_id in ids:
+                pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(node), client_id, node)
+            await pipe.execute()
+        await redis.delete(_clients_key(node))
 
     async def _read_nodes(self) -> None:
         """Who is alive, and every live node's routes (a full read)."""
@@ -324,8 +438,10 @@ class ClusterNode:
                 if self._rejoin:
                     await self._recover()
                 await self._beat()
-            except (RedisError, OSError) as exc:
+            except _AWAY as exc:
                 self._set_up(False, exc)
+            except RedisError as exc:
+                logger.error("cluster: Redis refused the heartbeat: %s", exc)
 
     async def _beat(self) -> None:
         redis = self._require()
@@ -352,6 +468,7 @@ class ClusterNode:
             cleanup.zrem(NODES, node)
             cleanup.delete(_routes_key(node))
             await cleanup.execute()
+            await self._forget_clients(node)
         for node in set(self.nodes) - before - {self.name}:  # joined while we did not listen
             self.routes.replace(node, _texts(await redis.smembers(_routes_key(node))))
         self._backlog = sum(len(queued) for queued in self._outbox.values())
@@ -368,8 +485,11 @@ class ClusterNode:
                         await self._read_nodes()  # what changed before the subscription
                     async for event in pubsub.listen():
                         await self._on_event(event)
-            except (RedisError, OSError) as exc:
+            except _AWAY as exc:
                 self._set_up(False, exc)
+                await asyncio.sleep(RETRY_DELAY)
+            except RedisError as exc:
+                logger.error("cluster: Redis refused a command of the event listener: %s", exc)
                 await asyncio.sleep(RETRY_DELAY)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
@@ -389,9 +509,14 @@ class ClusterNode:
             self.nodes[node] = int(time.time() * 1000)
             self.routes.replace(node, _texts(await self._require().smembers(_routes_key(node))))
             logger.info("cluster: node %s joined", node)
-        elif kind == "bye":
+        elif kind == "bye":  # it left cleanly
             self.routes.drop(node)
             self.nodes.pop(node, None)
+        elif kind == "kick":
+            target, _, client_id = topic_filter.partition("\0")
+            if target == self.name and self._kick is not None:
+                kicked = await self._kick(client_id)
+                logger.info("cluster: client %r kicked from node %s: %s", client_id, node, kicked)
 
     async def _read_inbox(self) -> None:
         key = _inbox_key(self.name)
@@ -407,8 +532,11 @@ class ClusterNode:
                     for entry_id, fields in entries:
                         last = _text(entry_id)
                         self._on_batch(fields.get(b"m", b""))
-            except (RedisError, OSError) as exc:
+            except _AWAY as exc:
                 self._set_up(False, exc)
+                await asyncio.sleep(RETRY_DELAY)
+            except RedisError as exc:
+                logger.error("cluster: Redis refused to read %s: %s", key, exc)
                 await asyncio.sleep(RETRY_DELAY)
 
     def _on_batch(self, data: bytes) -> None:
@@ -430,10 +558,12 @@ class ClusterNode:
                 if self._rejoin:
                     await self._recover()
                 await self._write_pending(redis)
-            except (RedisError, OSError) as exc:
+            except _AWAY as exc:
                 self._set_up(False, exc)
                 await asyncio.sleep(RETRY_DELAY)
                 self._wake.set()  # what is held goes when Redis is back
+            except RedisError as exc:  # dropped (counted) by _write_pending: retrying would fail again
+                logger.error("cluster: Redis refused a write: %s", exc)
 
     async def _write_pending(self, redis: aioredis.Redis) -> None:
         """Route changes, then the held messages, in one pipeline; kept if it fails."""
@@ -442,12 +572,19 @@ class ClusterNode:
             return
         now = self._clock()
         pipe = redis.pipeline(transaction=False)
-        for kind, topic_filter in ops:
+        for kind, *args in ops:
             if kind == "add":
-                pipe.sadd(_routes_key(self.name), topic_filter)
-            else:
-                pipe.srem(_routes_key(self.name), topic_filter)
-            pipe.publish(EVENTS, f"{kind}\0{self.name}\0{topic_filter}")
+                pipe.sadd(_routes_key(self.name), args[0])
+            elif kind == "del":
+                pipe.srem(_routes_key(self.name), args[0])
+            elif kind == "client+":
+                pipe.hset(CLIENTS, args[0], f"{self.name}\n{args[1]}")
+                pipe.sadd(_clients_key(self.name), args[0])
+                continue
+            elif kind == "client-":
+                pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(self.name), args[0], self.name)
+                continue
+            pipe.publish(EVENTS, "\0".join((kind, self.name, *args)))
         sent: Counter[str] = Counter()
         for node, messages in outbox.items():
             for start in range(0, len(messages), BATCH_MESSAGES):
@@ -459,10 +596,13 @@ class ClusterNode:
         self._ops, self._outbox = [], {}
         try:
             await pipe.execute()
-        except BaseException:
+        except _AWAY:
             self._ops = ops + self._ops  # kept, before what came meanwhile
             for node, messages in outbox.items():
                 self._outbox[node] = messages + self._outbox.get(node, [])
+            raise
+        except RedisError:
+            self.dropped[REFUSED] += sum(sent.values())
             raise
         self._backlog = sum(len(queued) for queued in self._outbox.values())
         self.forwarded.update(sent)
@@ -501,3 +641,14 @@ def _text(value: bytes | str) -> str:
 
 def _texts(values: Iterable[bytes | str]) -> list[str]:
     return [_text(value) for value in values]
+
+
+def _client_record(raw: bytes | str) -> dict[str, Any] | None:
+    """A registry entry (``{node}\n{JSON}``) as the client's record with its ``node``; None if it
+    is not one (another program wrote it)."""
+    node, _, record = _text(raw).partition("\n")
+    try:
+        data = json.loads(record)
+    except ValueError:
+        return None
+    return {**data, "node": node} if isinstance(data, dict) else None

@@ -1,7 +1,8 @@
 """Topology 12: three real broker nodes behind one real NGINX (stream, PROXY protocol, round robin)
 and one real redis-server (examples/cluster/). Clients on their own 127.x addresses land on
 different nodes; messages cross nodes at QoS 0/1/2 with 3.1.1 and 5.0 clients; every node reports
-its clients' real addresses, and the load balancer as their proxy."""
+its clients' real addresses, and the load balancer as their proxy; ``ctl clients show`` on any node
+reports every client's real address and node."""
 
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ def cluster_nodes(broker: BrokerProcess) -> dict[str, int]:
 
 
 def where(nodes: dict[str, BrokerProcess], client_id: str) -> tuple[str, dict[str, Any]]:
-    """The node a client is connected to, and what that node reports of it."""
+    """The node a client is connected to (the one that reports it as its own), and what that node
+    reports of it."""
     for name, broker in nodes.items():
         shown = ctl(broker, "clients", "show", client_id, "--json")
-        if shown.returncode == 0:
+        if shown.returncode == 0 and json.loads(shown.stdout)["node"] == name:
             return name, json.loads(shown.stdout)
     raise AssertionError(f"{client_id} is on no node")
 
@@ -111,6 +113,14 @@ def test_three_nodes_behind_one_nginx(
             )
             assert info["address_source"] == "proxy_protocol_v1"
             assert client_info(nodes[node], client_id)["ip_address"] == expected[client_id]
+            # Asked on any node, the same: its real address, the load balancer, its node.
+            for broker in nodes.values():
+                shown = json.loads(ctl(broker, "clients", "show", client_id, "--json").stdout)
+                assert (shown["ip_address"], shown["proxy_address"], shown["node"]) == (
+                    expected[client_id],
+                    EDGE,
+                    node,
+                )
 
         for subscriber in subscribers:
             assert subscriber.subscribe("fleet/#", 2) == [2]

@@ -110,7 +110,7 @@ def test_messages_cross_nodes_both_ways_at_every_qos(
     samples = metric_samples(b)
     assert samples[("realip_cluster_forwarded_total", (("node", "node-a"),))] == 3
     assert samples[("realip_cluster_received_total", ())] == 3
-    assert samples[("realip_cluster_redis_up", ())] == 1
+    assert samples[("realip_cluster_redis_up", ())] == 1, b.output()[-3000:]
     assert samples[("realip_cluster_nodes", ())] == 2
 
 
@@ -194,3 +194,39 @@ def test_ctl_cluster_status_outside_a_cluster(start_broker: BrokerFactory) -> No
     broker = start_broker(broker_config(tcp={"default": listener_config()}))
     done = ctl(broker, "cluster", "status")
     assert (done.returncode, done.stdout) == (0, "not in a cluster (cluster.enable: false)\n")
+
+
+def test_ctl_shows_lists_and_kicks_clients_cluster_wide(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+) -> None:
+    a, b = two_nodes
+    clients.new("on-a").connect("127.0.0.1", port(a), bind_address="127.0.0.65")
+    on_b = clients.new("on-b").connect("127.0.0.1", port(b), bind_address="127.0.0.66")
+
+    def shown(broker: BrokerProcess, client_id: str) -> dict[str, Any] | None:
+        done = ctl(broker, "clients", "show", client_id, "--json")
+        return json.loads(done.stdout) if done.returncode == 0 else None
+
+    # Asked on node-b, node-a's client: its real address and its node.
+    record = wait_until(lambda: shown(b, "on-a"), what="node-b to see node-a's client")
+    assert (record["node"], record["ip_address"], record["listener"]) == (
+        "node-a",
+        "127.0.0.65",
+        "tcp:default",
+    )
+    line = ctl(b, "clients", "show", "on-a").stdout
+    assert line.startswith("Client(on-a, node=node-a, username=undefined, peername=127.0.0.65:")
+    assert shown(a, "on-b")["node"] == "node-b"  # type: ignore[index]
+    listed = json.loads(ctl(a, "clients", "list", "--json").stdout)
+    assert sorted((c["clientid"], c["node"]) for c in listed) == [("on-a", "node-a"), ("on-b", "node-b")]
+    only_b = json.loads(ctl(a, "clients", "list", "--ip", "127.0.0.66/32", "--json").stdout)
+    assert [c["clientid"] for c in only_b] == ["on-b"]
+    # Kicked from node-a, the client of node-b goes.
+    kicked = ctl(a, "clients", "kick", "on-b")
+    assert kicked.returncode == 0, kicked.stderr
+    assert on_b.disconnected.wait(WAIT)
+    wait_until(lambda: shown(a, "on-b") is None, what="node-b's client to leave the registry")
+    b.wait_for_log(r"client 'on-b' kicked \(kicked\)")
+    # A node that dies takes its clients out of the registry with it.
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    wait_until(lambda: shown(b, "on-a") is None, what="the dead node's client to be cleared")
