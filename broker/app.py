@@ -239,22 +239,6 @@ class BrokerApp:
             store=self.store if settings.persistence.enable else None,
         )
         node_name = settings.node.name or f"realip@{socket.gethostname()}"
-        self.cluster: ClusterNode | None = None
-        if settings.cluster.enable:
-            # Attached before the sessions are restored: their subscriptions are routes too.
-            self.cluster = ClusterNode(
-                settings.cluster,
-                node_name,
-                self.engine.deliver_remote,
-                self.engine.now,
-                version=__version__,
-                describe=client_json,
-                connected=self.engine.sessions,
-                kick=lambda client_id: self.operations.kick(client_id, by="cluster"),
-            )
-            self.engine.cluster = self.cluster
-            if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide
-                hooks.add(self.cluster)
         self.sys_topics: SysTopics | None = None
         if sys_settings.enable:
             self.sys_topics = SysTopics(
@@ -268,6 +252,24 @@ class BrokerApp:
             if sys_settings.client_events and isinstance(hooks, Hooks):
                 hooks.add(self.sys_topics)  # after the audit trail: its record is written first
         self.operations = Operations(self.engine, self.bans, self.audit, self.users, settings)
+        self.cluster: ClusterNode | None = None
+        if settings.cluster.enable:
+            # Attached before the sessions are restored: their subscriptions are routes too.
+            self.cluster = ClusterNode(
+                settings.cluster,
+                node_name,
+                self.engine.deliver_remote,
+                self.engine.now,
+                version=__version__,
+                describe=client_json,
+                connected=self.engine.sessions,
+                kick=functools.partial(self.operations.kick, by="cluster"),
+                bans=self.bans,
+                on_ban=self.operations.apply_shared_ban,
+            )
+            self.engine.cluster = self.cluster
+            if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide
+                hooks.add(self.cluster)
         #: The running listeners, in the file's order. A reload changes this list in place: the
         #: admin API holds the same one.
         self.listeners: list[Listener] = [

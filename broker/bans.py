@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -312,6 +312,9 @@ class BanStore:
         self._error: str | None = None  # why the last write failed; None once one succeeds
         self._flushing = 0  # flush() calls waiting: the writer skips COALESCE_DELAY
         self._writer: threading.Thread | None = None
+        #: Told of every ban added or deleted here ("add" / "delete", the ban), unless the change
+        #: came from elsewhere (``shared=False``): the cluster shares them.
+        self.on_change: Callable[[str, Ban], None] | None = None
 
     def load(self) -> None:
         """Replace the list in memory with the ban file's, if there is one (at start, before changes).
@@ -342,9 +345,10 @@ class BanStore:
             # The file holds this list: nothing to write.
             self._attempted = self._written = self._changes
 
-    def add(self, ban: Ban) -> Ban:
+    def add(self, ban: Ban, *, shared: bool = True) -> Ban:
         """Add or replace a ban; it applies at once and the file follows (see the module docstring).
-        Returns the ban as stored (its value canonical).
+        Returns the ban as stored (its value canonical). ``shared``: tell :attr:`on_change` (False
+        for a ban another node made).
 
         Raises:
             BanError: the kind or value is invalid (nothing changed).
@@ -355,10 +359,13 @@ class BanStore:
         with self._lock:
             self._bans[(ban.kind, ban.value)] = ban
             self._changed()
+        if shared and self.on_change is not None:
+            self.on_change("add", ban)
         return ban
 
-    def delete(self, kind: str, value: str) -> Ban | None:
-        """Remove a ban at once (the file follows); ``None`` if there was none.
+    def delete(self, kind: str, value: str, *, shared: bool = True) -> Ban | None:
+        """Remove a ban at once (the file follows); ``None`` if there was none. ``shared`` as
+        :meth:`add`.
 
         Raises:
             BanError: the kind or value is invalid.
@@ -371,6 +378,8 @@ class BanStore:
             self._changed()
         if removed.kind == "peerhost":
             self._peerhosts.remove(removed)
+        if shared and self.on_change is not None:
+            self.on_change("delete", removed)
         return removed
 
     def purge(self, now: float | None = None) -> list[Ban]:
@@ -491,6 +500,10 @@ class BanStore:
     def __iter__(self) -> Iterator[Ban]:
         now = time.time()
         return iter([ban for ban in self._bans.values() if not ban.expired(now)])
+
+    def get(self, kind: str, value: str) -> Ban | None:
+        """The ban of ``kind`` on exactly ``value`` (in canonical form), if any. Never raises."""
+        return self._bans.get((kind, value))
 
     def __len__(self) -> int:
         return len(self._bans)

@@ -15,7 +15,7 @@ from broker.access import Refusal
 from broker.audit import AuditLog, address_fields, iso8601
 from broker.auth.builtin import User, UserError, UserStore
 from broker.auth.scram import DEFAULT_ITERATIONS
-from broker.bans import Ban, BanStore, parse_until
+from broker.bans import Ban, BanError, BanStore, parse_until
 from broker.engine import Engine, SessionView
 from broker.settings import BuiltinDatabaseSettings, ScramSettings, Settings
 from listeners.address import ClientAddress
@@ -203,6 +203,10 @@ class Operations:
         self.audit.log.write(
             "ban_added", **{"as": ban.kind, "who": ban.value}, reason=reason, by=by, until=_iso(ban.until)
         )
+        return ban, await self._kick_banned(ban, by)
+
+    async def _kick_banned(self, ban: Ban, by: str) -> list[str]:
+        """Kick the connected clients ``ban`` matches; returns their ids."""
         kicked = []
         for view in self.engine.sessions():
             matches = ban.applies_to(view.address.ip, view.client_id, view.username)
@@ -212,7 +216,26 @@ class Operations:
             logger.info(
                 "ban %s %s kicked %d client(s): %s", ban.kind, ban.value, len(kicked), ", ".join(kicked)
             )
-        return ban, kicked
+        return kicked
+
+    async def apply_shared_ban(self, change: str, ban: Ban, node: str) -> None:
+        """A ban another node of the cluster added (``change`` "add") or deleted: applied here
+        (audited, ``by`` naming that node) and, for an added one, the clients here it matches
+        kicked. Never raises (a ban this version cannot read is logged and skipped)."""
+        by = f"{ban.by}@{node}"
+        try:
+            if change == "delete":
+                if self.bans.delete(ban.kind, ban.value, shared=False) is not None:
+                    self.audit.log.write("ban_deleted", **{"as": ban.kind, "who": ban.value}, by=by)
+                return
+            ban = self.bans.add(ban, shared=False)
+        except BanError as exc:
+            logger.warning("cluster: ban %s %s from node %s not applied: %s", ban.kind, ban.value, node, exc)
+            return
+        self.audit.log.write(
+            "ban_added", **{"as": ban.kind, "who": ban.value}, reason=ban.reason, by=by, until=_iso(ban.until)
+        )
+        await self._kick_banned(ban, by)
 
     def delete_ban(self, kind: str, value: str, *, by: str = "admin") -> Ban | None:
         """Lift a ban; ``None`` if there was none.

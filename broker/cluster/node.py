@@ -12,8 +12,11 @@ Keys (all under ``realip:``):
   the node it is connected to reports it (``ctl clients show``'s fields, the real and the proxy
   address among them), with ``clients:{name}``, the set of a node's client ids (so that a node
   that dies can be cleared);
+- ``bans``: a hash, ``{kind}\0{value}`` -> the ban (JSON): the bans of the cluster, each made on
+  one node (by an operator, or for failed authentications) and applied on every node;
 - ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining,
-  ``kick`` of a client by an operator on another node, ``bye`` of a node leaving.
+  ``kick`` of a client by an operator on another node, ``ban`` added or deleted, ``bye`` of a node
+  leaving.
 
 Four tasks per node, none per message: the heartbeat, the event listener, the inbox reader, and the
 sender, which writes everything queued since its last write in one pipeline (route changes in the
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.bans import Ban, BanStore
 from broker.cluster import wire
 from broker.cluster.routes import LocalFilters, RouteTable, route_filter
 from broker.core.session import Message
@@ -61,6 +66,7 @@ PREFIX: Final = "realip:"
 EVENTS: Final = PREFIX + "events"
 NODES: Final = PREFIX + "nodes"
 CLIENTS: Final = PREFIX + "clients"
+BANS: Final = PREFIX + "bans"
 #: Batches kept in a node's inbox stream (approximately): what a node slow to read may fall behind.
 INBOX_LENGTH: Final = 10_000
 #: Messages held for other nodes while Redis cannot take them; beyond, new ones are dropped.
@@ -122,7 +128,8 @@ class ClusterNode(EngineHooks):
     ``describe`` gives a connected client's record (``ctl clients show``'s JSON), ``connected``
     every local client's (written again after Redis comes back); ``kick`` disconnects a local
     client an operator kicked on another node. As an engine hook it keeps the registry of
-    connected clients.
+    connected clients. ``bans`` are shared: every ban made here goes to the others, and
+    ``on_ban(change, ban, node)`` applies one another node made (and kicks whom it matches).
     """
 
     def __init__(
@@ -136,6 +143,8 @@ class ClusterNode(EngineHooks):
         describe: Callable[[SessionView], dict[str, Any]] = lambda view: {"clientid": view.client_id},
         connected: Callable[[], list[SessionView]] = list,
         kick: Callable[[str], Awaitable[bool]] | None = None,
+        bans: BanStore | None = None,
+        on_ban: Callable[[str, Ban, str], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -154,6 +163,10 @@ class ClusterNode(EngineHooks):
         self._describe = describe
         self._local_clients = connected
         self._kick = kick
+        self._bans = bans
+        self._on_ban = on_ban
+        if bans is not None:
+            bans.on_change = self.ban_changed
         self._version = version
         self._instance = uuid.uuid4().hex
         self._started = time.time()
@@ -243,6 +256,12 @@ class ClusterNode(EngineHooks):
             raise ClusterError(f"cluster: Redis at {self.settings.redis.url} unreachable: {exc}") from None
         records = [_client_record(raw) for raw in entries.values()]
         return sorted((r for r in records if r is not None), key=lambda record: str(record["clientid"]))
+
+    def ban_changed(self, change: str, ban: Ban) -> None:
+        """A ban was added or deleted here (``BanStore.on_change``): every node applies it."""
+        if self._running:
+            self._ops.append(("ban", change, json.dumps(dataclasses.asdict(ban))))
+            self._wake.set()
 
     def kick_remote(self, node: str, client_id: str) -> None:
         """Ask ``node`` to disconnect ``client_id`` (an operator kicked it here)."""
@@ -371,8 +390,38 @@ class ClusterNode(EngineHooks):
                 pipe.hset(CLIENTS, view.client_id, f"{self.name}\n{record}")
                 pipe.sadd(_clients_key(self.name), view.client_id)
             await pipe.execute()
-        self._ops = [op for op in self._ops if op[0] == "kick"]  # the rest is written now
+        self._ops = [op for op in self._ops if op[0] in ("kick", "ban")]  # the rest is written now
+        await self._merge_bans()
         await self._read_nodes()
+
+    async def _merge_bans(self) -> None:
+        """The cluster's bans and this node's, made one: those only Redis has are applied here,
+        those only this node has (made while apart) written to Redis; expired ones dropped."""
+        if self._bans is None:
+            return
+        redis = self._require()
+        stored: Any = await redis.hgetall(BANS)
+        now = time.time()
+        seen: set[tuple[str, str]] = set()
+        for key, raw in stored.items():
+            try:
+                ban = Ban(**json.loads(raw))
+            except (TypeError, ValueError):
+                logger.warning("cluster: unreadable ban %r in %s: deleted", key, BANS)
+                await redis.hdel(BANS, key)
+                continue
+            if ban.expired(now):
+                await redis.hdel(BANS, key)
+                continue
+            seen.add((ban.kind, ban.value))
+            if self._bans.get(ban.kind, ban.value) is None and self._on_ban is not None:
+                await self._on_ban("add", ban, "cluster")
+        mine = [ban for ban in self._bans if (ban.kind, ban.value) not in seen and not ban.expired(now)]
+        if mine:
+            await redis.hset(
+                BANS,
+                mapping={f"{ban.kind}\0{ban.value}": json.dumps(dataclasses.asdict(ban)) for ban in mine},
+            )
 
     async def _forget_clients(self, node: str) -> None:
         """Clear ``node``'s clients from the registry (it died, or this is its new run)."""
@@ -512,6 +561,15 @@ class ClusterNode(EngineHooks):
         elif kind == "bye":  # it left cleanly
             self.routes.drop(node)
             self.nodes.pop(node, None)
+        elif kind == "ban":
+            change, _, raw = topic_filter.partition("\0")
+            try:
+                ban = Ban(**json.loads(raw))
+            except (TypeError, ValueError):
+                logger.warning("cluster: unreadable ban from node %s: %r", node, raw[:200])
+                return
+            if self._on_ban is not None:
+                await self._on_ban(change, ban, node)
         elif kind == "kick":
             target, _, client_id = topic_filter.partition("\0")
             if target == self.name and self._kick is not None:
@@ -584,6 +642,13 @@ class ClusterNode(EngineHooks):
             elif kind == "client-":
                 pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(self.name), args[0], self.name)
                 continue
+            elif kind == "ban":
+                record = json.loads(args[1])
+                key = f"{record['kind']}\0{record['value']}"
+                if args[0] == "add":
+                    pipe.hset(BANS, key, args[1])
+                else:
+                    pipe.hdel(BANS, key)
             pipe.publish(EVENTS, "\0".join((kind, self.name, *args)))
         sent: Counter[str] = Counter()
         for node, messages in outbox.items():

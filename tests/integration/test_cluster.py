@@ -230,3 +230,32 @@ def test_ctl_shows_lists_and_kicks_clients_cluster_wide(
     # A node that dies takes its clients out of the registry with it.
     assert a.stop(signal.SIGKILL) == -signal.SIGKILL
     wait_until(lambda: shown(b, "on-a") is None, what="the dead node's client to be cleared")
+
+
+def test_a_ban_made_on_one_node_kicks_on_every_node_and_is_lifted_everywhere(
+    start_broker: BrokerFactory,
+    redis_server: RedisServer,
+    two_nodes: tuple[BrokerProcess, BrokerProcess],
+    clients: Clients,
+) -> None:
+    a, b = two_nodes
+    victim = clients.new("victim").connect("127.0.0.1", port(b), bind_address="127.0.0.67")
+    done = ctl(a, "banned", "add", "peerhost", "127.0.0.67", "--reason", "abuse")
+    assert done.returncode == 0, done.stderr
+    assert victim.disconnected.wait(WAIT)  # kicked by node-b
+    b.wait_for_log(r"ban peerhost 127\.0\.0\.67 kicked 1 client\(s\): victim")
+    again = clients.new("victim-again")
+    assert again.connect_refused("127.0.0.1", port(b), bind_address="127.0.0.67")
+    listed = json.loads(ctl(b, "banned", "list", "--json").stdout)
+    assert [(ban["as"], ban["who"], ban["by"]) for ban in listed] == [("peerhost", "127.0.0.67", "admin")]
+    # A node that joins later gets the bans in force.
+    c = start_broker(node_config(redis_server, "node-c"))
+    assert [ban["who"] for ban in json.loads(ctl(c, "banned", "list", "--json").stdout)] == ["127.0.0.67"]
+    # Lifted on node-b: lifted on node-a and node-c too.
+    assert ctl(b, "banned", "delete", "peerhost", "127.0.0.67").returncode == 0
+    for broker in (a, c):
+        wait_until(
+            lambda broker=broker: json.loads(ctl(broker, "banned", "list", "--json").stdout) == [],
+            what="the ban to be lifted everywhere",
+        )
+    clients.new("victim-back").connect("127.0.0.1", port(a), bind_address="127.0.0.67")
