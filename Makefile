@@ -29,7 +29,7 @@ lint: venv
 
 ## make bench: every benchmark side by side (realip-broker, amqtt 0.12.1, mosquitto), < 10 min: tables,
 ## ratios, wall times, the issue's criteria. BENCH_ARGS=--quick: smoke run (< 1 min);
-## BENCH_ARGS="--only throughput ratio filters latency connect ws memory parse admin profile"; --output FILE
+## BENCH_ARGS="--only throughput ratio filters latency connect auth bans persistence cluster ws memory parse admin profile"; --output FILE
 bench: venv peers
 	$(PY) bench/run.py $(BENCH_ARGS)
 

@@ -20,7 +20,10 @@ realip-broker runs on its default event loop (asyncio's own); the loop contender
 - ``auth``        CONNECT rate with each password backend (built-in database argon2id and
                   PBKDF2, a mosquitto password file) vs no authenticator (bench_auth_connect.py).
 - ``bans``        CONNECT rate with 10,000 peerhost bans vs none (bench_bans.py).
-- ``persistence`` retained publishes per second with the SQLite store on vs off (bench_persistence.py).
+- ``persistence`` retained publishes per second with the SQLite store on vs off, and QoS 1 through a
+                  persistent session (bench_persistence.py).
+- ``cluster``     two clustered nodes and a redis-server: publisher on A -> subscriber on B against both
+                  on A, QoS 0 and 1, with the CPU per message of the Redis hop (bench_cluster.py).
 - ``ws``          WebSocket connection rate with X-Forwarded-For resolution vs without.
 - ``memory``      resident memory per idle connection at 1k and 10k connections through a PROXY
                   listener (asyncio's loop and uvloop), with amqtt's own listener and mosquitto at
@@ -58,6 +61,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_auth_connect  # noqa: E402
 import bench_bans  # noqa: E402
+import bench_cluster  # noqa: E402
 import bench_connect_rate  # noqa: E402
 import bench_filters  # noqa: E402
 import bench_latency  # noqa: E402
@@ -150,6 +154,7 @@ BENCHMARKS: dict[str, Callable[[Options], Awaitable[list[Table]]]] = {
     "auth": bench_auth_connect.run,
     "bans": bench_bans.run,
     "persistence": bench_persistence.run,
+    "cluster": bench_cluster.run,
     "ws": bench_ws_connect_rate.run,
     "memory": bench_memory.run,
     "parse": run_parse,

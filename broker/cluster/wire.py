@@ -1,4 +1,5 @@
-"""How messages travel between nodes (pure): a batch of messages as one binary blob.
+"""How messages and sessions travel between nodes (pure): a batch of messages as one binary blob,
+a persistent session (:func:`encode_session`) as JSON.
 
 A batch is a sequence of messages, each::
 
@@ -12,12 +13,22 @@ is copied once into the batch, whatever the number of subscribers on the other n
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
-from typing import Final
+from typing import Any, Final
 
 from broker.core.session import Message
-from broker.store.base import properties_from_json, properties_to_json
+from broker.store.base import (
+    StoredDelivery,
+    StoredMessage,
+    StoredSession,
+    StoredSubscription,
+    StoredWill,
+    properties_from_json,
+    properties_to_json,
+)
 
 _HEAD: Final = struct.Struct("!HHIIBBd")
 
@@ -89,3 +100,112 @@ def decode(data: bytes, now: float) -> list[Message]:
             raise
         raise WireError(f"a damaged batch ({exc})") from None
     return messages
+
+
+def encode_session(session: StoredSession) -> bytes:
+    """A persistent session as it moves to the node its client reconnected to: JSON, payloads in
+    base64, times on the wall clock (the nodes' clocks are kept in step by NTP).
+
+    Raises:
+        ValueError: a property value of no property type.
+    """
+
+    def message(stored: StoredMessage) -> dict[str, Any]:
+        return {
+            "topic": stored.topic,
+            "payload": base64.b64encode(stored.payload).decode("ascii"),
+            "qos": stored.qos,
+            "publisher": stored.publisher,
+            "properties": stored.properties,
+            "expires_at": stored.expires_at,
+            "retain": stored.retain,
+        }
+
+    will = session.will
+    document = {
+        "client_id": session.client_id,
+        "expiry_interval": session.expiry_interval,
+        "disconnected_at": session.disconnected_at,
+        "owner": session.owner,
+        "username": session.username,
+        "authenticated": session.authenticated,
+        "superuser": session.superuser,
+        "ip": session.ip,
+        "awaiting_rel": list(session.awaiting_rel),
+        "will": None
+        if will is None
+        else {"message": message(will.message), "delay": will.delay, "due_at": will.due_at},
+        "subscriptions": [
+            [s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.identifier]
+            for s in session.subscriptions
+        ],
+        "deliveries": [
+            {
+                "seq": d.seq,
+                "message": message(d.message),
+                "qos": d.qos,
+                "retain": d.retain,
+                "subscription_ids": list(d.subscription_ids),
+                "packet_id": d.packet_id,
+                "released": d.released,
+            }
+            for d in session.deliveries
+        ],
+    }
+    return json.dumps(document).encode()
+
+
+def decode_session(data: bytes) -> StoredSession:
+    """The inverse of :func:`encode_session`.
+
+    Raises:
+        WireError: not what :func:`encode_session` makes.
+    """
+
+    def message(raw: dict[str, Any]) -> StoredMessage:
+        properties_from_json(raw["properties"])  # checked now
+        return StoredMessage(
+            str(raw["topic"]),
+            base64.b64decode(raw["payload"], validate=True),
+            int(raw["qos"]),
+            str(raw["publisher"]),
+            raw["properties"],
+            None if raw["expires_at"] is None else float(raw["expires_at"]),
+            bool(raw["retain"]),
+        )
+
+    try:
+        doc = json.loads(data)
+        will = doc["will"]
+        return StoredSession(
+            str(doc["client_id"]),
+            float(doc["expiry_interval"]),
+            None if doc["disconnected_at"] is None else float(doc["disconnected_at"]),
+            doc["owner"],
+            doc["username"],
+            bool(doc["authenticated"]),
+            bool(doc["superuser"]),
+            str(doc["ip"]),
+            tuple(int(i) for i in doc["awaiting_rel"]),
+            None
+            if will is None
+            else StoredWill(message(will["message"]), float(will["delay"]), will["due_at"]),
+            tuple(
+                StoredSubscription(str(f), int(q), bool(nl), bool(rap), int(i))
+                for f, q, nl, rap, i in doc["subscriptions"]
+            ),
+            tuple(
+                StoredDelivery(
+                    int(d["seq"]),
+                    message(d["message"]),
+                    int(d["qos"]),
+                    bool(d["retain"]),
+                    tuple(int(i) for i in d["subscription_ids"]),
+                    int(d["packet_id"]),
+                    bool(d["released"]),
+                )
+                for d in doc["deliveries"]
+            ),
+        )
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise WireError(f"not a session ({type(exc).__name__}: {exc})") from None
