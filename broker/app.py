@@ -266,6 +266,8 @@ class BrokerApp:
                 kick=functools.partial(self.operations.kick, by="cluster"),
                 bans=self.bans,
                 on_ban=self.operations.apply_shared_ban,
+                sessions=self.engine.session_ids,
+                hand_over=self.engine.hand_over,
             )
             self.engine.cluster = self.cluster
             if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide

@@ -52,8 +52,10 @@ from broker.store.base import (
     Store,
     StoredMessage,
     StoredSession,
+    StoredSubscription,
     StoredWill,
     properties_to_json,
+    stored_delivery,
 )
 
 if TYPE_CHECKING:
@@ -190,6 +192,18 @@ class ClusterLink(Protocol):
     def forward(self, message: Message) -> int:
         """Send ``message`` to the other nodes that want it; returns how many nodes."""
         return 0
+
+    def session_started(self, client_id: str) -> None:
+        """This node now holds the session of ``client_id``."""
+
+    def session_ended(self, client_id: str) -> None:
+        """This node no longer holds it (ended, or handed over)."""
+
+    async def claim(self, client_id: str, discard: bool) -> StoredSession | None:
+        """Before a CONNECT for ``client_id`` is answered: if another node holds its session, that
+        node closes the client's connection there and hands the session over (None when it has
+        none to give: not persistent, or ``discard`` asked for a clean start). Never raises."""
+        return None
 
 
 class _NoHooks(EngineHooks):
@@ -590,8 +604,7 @@ class Engine:
                     self._ask_sources(channel, rules, request, admission, decision, extra)
                 )
                 return
-            self._attach(channel, admission, decision, rules, extra)
-            channel.release()
+            self._admit(channel, admission, decision, rules, extra)
             return
         connect, address = admission.connect, channel.address
         refusal = Refusal(decision.reason, decision.message, decision.code)
@@ -603,6 +616,94 @@ class Engine:
         )
         if decision.failure and self.gatekeeper is not None:
             self.gatekeeper.authentication_failed(address.ip)
+
+    def _admit(
+        self,
+        channel: Channel,
+        admission: Admission,
+        decision: Decision,
+        rules: ClientRules | None,
+        extra: dict[str, Any] | None,
+    ) -> None:
+        """Attach an admitted client (:meth:`_attach`), then handle what it sent meanwhile. In a
+        cluster, the node holding its session hands it over first (the connection held meanwhile):
+        there is never a moment when two nodes serve one client id."""
+        if self.cluster is None or admission.assigned:
+            self._attach(channel, admission, decision, rules, extra)
+            channel.release()
+            return
+        if channel.held is None:
+            channel.hold()
+        channel.pending = self.loop.create_task(self._claim(channel, admission, decision, rules, extra))
+
+    async def _claim(
+        self,
+        channel: Channel,
+        admission: Admission,
+        decision: Decision,
+        rules: ClientRules | None,
+        extra: dict[str, Any] | None,
+    ) -> None:
+        assert self.cluster is not None
+        client_id = admission.client_id
+        stored = await self.cluster.claim(client_id, admission.connect.clean_start)
+        channel.pending = None
+        if channel.closed:
+            if stored is not None:  # the client went meanwhile: its session stays here, offline
+                self.restore_sessions([stored])
+            return
+        try:
+            if stored is not None:
+                existing = self._sessions.get(client_id)
+                if existing is not None:  # a stale local one loses to the one that was in use
+                    self._discard(existing)
+                self.restore_sessions([stored])
+                logger.info("client %r: its session came over from another node", client_id)
+            self._attach(channel, admission, decision, rules, extra)
+            channel.release()
+        except Exception:  # a bug must not leave a held connection paused for ever
+            logger.exception("%s: admission failed unexpectedly; closing", channel.describe())
+            channel.close("internal_error")
+
+    def hand_over(self, client_id: str, discard: bool) -> StoredSession | None:
+        """Another node admitted ``client_id``: close its connection here (DISCONNECT 0x8E, its will
+        as for any takeover) and give its session away whole (None: it has none here, it is not
+        persistent, or ``discard``: the client asked for a clean start, and it is ended here).
+        Never raises."""
+        session = self._sessions.get(client_id)
+        if session is None:
+            return None
+        if session.channel is not None:
+            logger.info("client %r connected on another node: closing its connection here", client_id)
+            session.channel.close("takeover")
+        if self._sessions.get(client_id) is not session:  # not persistent: ended with its connection
+            return None
+        if discard:
+            self._discard(session)
+            return None
+        loop_now, wall_now = self.loop.time(), time.time()
+        state = session.stored(loop_now=loop_now, wall_now=wall_now)
+        deliveries = []
+        for delivery in session.pending():
+            try:
+                deliveries.append(stored_delivery(delivery, loop_now=loop_now, wall_now=wall_now))
+            except ValueError as exc:  # the decoder makes only storable values: a bug
+                topic = delivery.message.topic
+                logger.error("client %r: a message on %r not handed over: %s", client_id, topic, exc)
+        subscriptions = tuple(
+            StoredSubscription.from_options(topic_filter, options)
+            for topic_filter, options in session.subscriptions.items()
+        )
+        # Gone from here without ending: what waits goes with it (not counted as dropped), its
+        # delayed will too (not published here); the store forgets it.
+        session.inflight.clear()
+        session.queue.clear()
+        if session.will_timer is not None:
+            session.will_timer.cancel()
+            session.will_timer = None
+        session.pending_will = None
+        self._discard(session)
+        return dataclasses.replace(state, subscriptions=subscriptions, deliveries=tuple(deliveries))
 
     def _attach(
         self,
@@ -829,6 +930,8 @@ class Engine:
         session = EngineSession(client_id, self.settings, persistent=False)
         session.on_drop = lambda reason, delivery: self._dropped(session, reason, delivery)
         self._sessions[client_id] = session
+        if self.cluster is not None:
+            self.cluster.session_started(client_id)
         return session
 
     def _set_expiry(self, session: EngineSession, seconds: float) -> None:
@@ -943,6 +1046,8 @@ class Engine:
             session.expiry = None
         if self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
+            if self.cluster is not None:
+                self.cluster.session_ended(session.client_id)
 
     # ------------------------------------------------------------------ messages
 
@@ -1009,7 +1114,8 @@ class Engine:
         try:
             rules.remember(answers)
             if admission is not None and decision is not None:
-                self._attach(channel, admission, decision, rules, extra)
+                self._admit(channel, admission, decision, rules, extra)
+                return
             channel.release()
         except Exception:  # a bug must not leave a held connection paused for ever
             logger.exception("%s: handling the sources' answer failed; closing", channel.describe())
@@ -1614,6 +1720,10 @@ class Engine:
         if channel is None or channel.session is None:
             return None
         return self._view(channel, channel.session)
+
+    def session_ids(self) -> list[str]:
+        """The client ids of every session held, connected or not. Never raises."""
+        return list(self._sessions)
 
     def count(self) -> int:
         """How many clients are connected."""

@@ -12,6 +12,10 @@ Keys (all under ``realip:``):
   the node it is connected to reports it (``ctl clients show``'s fields, the real and the proxy
   address among them), with ``clients:{name}``, the set of a node's client ids (so that a node
   that dies can be cleared);
+- ``sessions``: a hash, client id -> the node holding its session (connected or not), with
+  ``sessions:{name}``, the set of a node's: a CONNECT on another node asks that one to hand the
+  session over (``claim`` / ``handed`` events, the session itself under ``handover:{request}`` for
+  a few seconds);
 - ``bans``: a hash, ``{kind}\0{value}`` -> the ban (JSON): the bans of the cluster, each made on
   one node (by an operator, or for failed authentications) and applied on every node;
 - ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining,
@@ -56,6 +60,7 @@ from broker.core.session import Message
 from broker.engine import EngineHooks
 from broker.errors import RealIPError
 from broker.settings import ClusterSettings
+from broker.store.base import StoredSession
 
 if TYPE_CHECKING:
     from broker.engine import SessionView
@@ -66,6 +71,9 @@ PREFIX: Final = "realip:"
 EVENTS: Final = PREFIX + "events"
 NODES: Final = PREFIX + "nodes"
 CLIENTS: Final = PREFIX + "clients"
+SESSIONS: Final = PREFIX + "sessions"
+#: Milliseconds a handed-over session waits in Redis for the node that claimed it.
+HANDOVER_TTL_MS: Final = 30_000
 BANS: Final = PREFIX + "bans"
 #: Batches kept in a node's inbox stream (approximately): what a node slow to read may fall behind.
 INBOX_LENGTH: Final = 10_000
@@ -108,6 +116,21 @@ def _clients_key(name: str) -> str:
     return f"{PREFIX}clients:{name}"
 
 
+def _sessions_key(name: str) -> str:
+    return f"{PREFIX}sessions:{name}"
+
+
+#: Forget that node ARGV[2] holds the session of ARGV[1] (KEYS: the sessions hash, the node's
+#: index), unless another node holds it now.
+_FORGET_SESSION: Final = r"""
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 0
+"""
+
+
 #: Forget a client of node ARGV[2] (KEYS: the clients hash, the node's index), unless another node
 #: has it now (a takeover on another node may have written it since).
 _FORGET_CLIENT: Final = r"""
@@ -145,6 +168,8 @@ class ClusterNode(EngineHooks):
         kick: Callable[[str], Awaitable[bool]] | None = None,
         bans: BanStore | None = None,
         on_ban: Callable[[str, Ban, str], Awaitable[None]] | None = None,
+        sessions: Callable[[], Iterable[str]] = tuple,
+        hand_over: Callable[[str, bool], StoredSession | None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -165,6 +190,10 @@ class ClusterNode(EngineHooks):
         self._kick = kick
         self._bans = bans
         self._on_ban = on_ban
+        self._local_sessions = sessions
+        self._hand_over = hand_over
+        #: request id -> the future a claim waits on (the handover key, or None)
+        self._claims: dict[str, asyncio.Future[str | None]] = {}
         if bans is not None:
             bans.on_change = self.ban_changed
         self._version = version
@@ -257,6 +286,76 @@ class ClusterNode(EngineHooks):
         records = [_client_record(raw) for raw in entries.values()]
         return sorted((r for r in records if r is not None), key=lambda record: str(record["clientid"]))
 
+    def session_started(self, client_id: str) -> None:
+        """This node holds the session of ``client_id`` now (so a CONNECT elsewhere claims it)."""
+        if self._running:
+            self._ops.append(("session+", client_id))
+            self._wake.set()
+
+    def session_ended(self, client_id: str) -> None:
+        """This node no longer holds it."""
+        if self._running:
+            self._ops.append(("session-", client_id))
+            self._wake.set()
+
+    async def claim(self, client_id: str, discard: bool) -> StoredSession | None:
+        """If another live node holds the session of ``client_id``, have it close the client's
+        connection there and hand the session over (see :meth:`broker.engine.Engine.hand_over`).
+        Waits up to ``cluster.node_timeout``; on a timeout or with Redis away the client gets a
+        session of this node (logged). Never raises."""
+        if not self._running or not self.redis_up:
+            return None
+        redis = self._require()
+        request = uuid.uuid4().hex
+        try:
+            owner = await redis.hget(SESSIONS, client_id)
+            owner = None if owner is None else _text(owner)
+            if owner is None or owner == self.name or owner not in self.nodes:
+                return None
+            waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            self._claims[request] = waiting
+            await redis.publish(
+                EVENTS, "\0".join(("claim", self.name, owner, client_id, request, "1" if discard else "0"))
+            )
+            async with asyncio.timeout(self.settings.node_timeout):
+                key = await waiting
+            if key is None:
+                return None
+            data: Any = await redis.getdel(key)
+        except TimeoutError:
+            logger.warning(
+                "cluster: node %s did not hand over the session of %r within %gs: a new one here",
+                owner,
+                client_id,
+                self.settings.node_timeout,
+            )
+            return None
+        except (*_AWAY, RedisError) as exc:
+            logger.warning(
+                "cluster: the session of %r could not be claimed (%s): a new one here", client_id, exc
+            )
+            return None
+        finally:
+            self._claims.pop(request, None)
+        if data is None:
+            return None
+        try:
+            return wire.decode_session(data)
+        except wire.WireError as exc:
+            logger.error("cluster: the session of %r from node %s is unreadable: %s", client_id, owner, exc)
+            return None
+
+    async def _on_claim(self, claimer: str, client_id: str, request: str, discard: bool) -> None:
+        """Another node admitted ``client_id``: hand its session over (if it is here)."""
+        stored = None if self._hand_over is None else self._hand_over(client_id, discard)
+        redis = self._require()
+        key = ""
+        if stored is not None:
+            key = f"{PREFIX}handover:{request}"
+            await redis.set(key, wire.encode_session(stored), px=HANDOVER_TTL_MS)
+            logger.info("cluster: the session of %r handed over to node %s", client_id, claimer)
+        await redis.publish(EVENTS, "\0".join(("handed", self.name, claimer, request, key)))
+
     def ban_changed(self, change: str, ban: Ban) -> None:
         """A ban was added or deleted here (``BanStore.on_change``): every node applies it."""
         if self._running:
@@ -325,6 +424,7 @@ class ClusterNode(EngineHooks):
                     pipe.publish(EVENTS, f"bye\0{self.name}")
                     await pipe.execute()
                     await self._forget_clients(self.name)
+                    await self._forget_sessions(self.name)
             except (RedisError, OSError, TimeoutError) as exc:
                 logger.warning("cluster: could not leave cleanly (%s); the others drop this node later", exc)
         await self._close_redis()
@@ -382,6 +482,13 @@ class ClusterNode(EngineHooks):
         # The registry: what a former run of this node left is cleared, the clients here now
         # written (after a Redis outage, they may have changed meanwhile).
         await self._forget_clients(self.name)
+        await self._forget_sessions(self.name)
+        held = list(self._local_sessions())
+        if held:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hset(SESSIONS, mapping=dict.fromkeys(held, self.name))
+            pipe.sadd(_sessions_key(self.name), *held)
+            await pipe.execute()
         views = self._local_clients()
         if views:
             pipe = redis.pipeline(transaction=False)
@@ -422,6 +529,17 @@ class ClusterNode(EngineHooks):
                 BANS,
                 mapping={f"{ban.kind}\0{ban.value}": json.dumps(dataclasses.asdict(ban)) for ban in mine},
             )
+
+    async def _forget_sessions(self, node: str) -> None:
+        """Clear what ``node`` held of the sessions index (it died, or this is its new run)."""
+        redis = self._require()
+        ids: Any = await redis.smembers(_sessions_key(node))
+        if ids:
+            pipe = redis.pipeline(transaction=False)
+            for client_id in ids:
+                pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(node), client_id, node)
+            await pipe.execute()
+        await redis.delete(_sessions_key(node))
 
     async def _forget_clients(self, node: str) -> None:
         """Clear ``node``'s clients from the registry (it died, or this is its new run)."""
@@ -518,6 +636,7 @@ class ClusterNode(EngineHooks):
             cleanup.delete(_routes_key(node))
             await cleanup.execute()
             await self._forget_clients(node)
+            await self._forget_sessions(node)
         for node in set(self.nodes) - before - {self.name}:  # joined while we did not listen
             self.routes.replace(node, _texts(await redis.smembers(_routes_key(node))))
         self._backlog = sum(len(queued) for queued in self._outbox.values())
@@ -542,18 +661,20 @@ class ClusterNode(EngineHooks):
                 await asyncio.sleep(RETRY_DELAY)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
+        """One message of ``realip:events``: ``kind\0sender\0args...`` (no field holds a NUL:
+        MQTT strings may not, JSON escapes it)."""
         data = event.get("data")
         if not isinstance(data, bytes):
             return
-        kind, _, rest = data.decode(errors="replace").partition("\0")
-        node, _, topic_filter = rest.partition("\0")
-        if node == self.name or not node:
+        fields = data.decode(errors="replace").split("\0")
+        if len(fields) < 2 or not fields[1] or fields[1] == self.name:
             return
-        if kind == "add":
-            self.routes.add(node, topic_filter)
+        kind, node, args = fields[0], fields[1], fields[2:]
+        if kind == "add" and args:
+            self.routes.add(node, args[0])
             self.nodes.setdefault(node, int(time.time() * 1000))
-        elif kind == "del":
-            self.routes.remove(node, topic_filter)
+        elif kind == "del" and args:
+            self.routes.remove(node, args[0])
         elif kind == "hello":
             self.nodes[node] = int(time.time() * 1000)
             self.routes.replace(node, _texts(await self._require().smembers(_routes_key(node))))
@@ -561,20 +682,26 @@ class ClusterNode(EngineHooks):
         elif kind == "bye":  # it left cleanly
             self.routes.drop(node)
             self.nodes.pop(node, None)
-        elif kind == "ban":
-            change, _, raw = topic_filter.partition("\0")
-            try:
-                ban = Ban(**json.loads(raw))
-            except (TypeError, ValueError):
-                logger.warning("cluster: unreadable ban from node %s: %r", node, raw[:200])
-                return
-            if self._on_ban is not None:
-                await self._on_ban(change, ban, node)
-        elif kind == "kick":
-            target, _, client_id = topic_filter.partition("\0")
-            if target == self.name and self._kick is not None:
-                kicked = await self._kick(client_id)
-                logger.info("cluster: client %r kicked from node %s: %s", client_id, node, kicked)
+        elif kind == "ban" and len(args) == 2:
+            await self._on_shared_ban(node, *args)
+        elif kind == "claim" and len(args) == 4 and args[0] == self.name:
+            await self._on_claim(node, args[1], args[2], args[3] == "1")
+        elif kind == "handed" and len(args) == 3 and args[0] == self.name:
+            waiting = self._claims.get(args[1])
+            if waiting is not None and not waiting.done():
+                waiting.set_result(args[2] or None)
+        elif kind == "kick" and len(args) == 2 and args[0] == self.name and self._kick is not None:
+            kicked = await self._kick(args[1])
+            logger.info("cluster: client %r kicked from node %s: %s", args[1], node, kicked)
+
+    async def _on_shared_ban(self, node: str, change: str, raw: str) -> None:
+        try:
+            ban = Ban(**json.loads(raw))
+        except (TypeError, ValueError):
+            logger.warning("cluster: unreadable ban from node %s: %r", node, raw[:200])
+            return
+        if self._on_ban is not None:
+            await self._on_ban(change, ban, node)
 
     async def _read_inbox(self) -> None:
         key = _inbox_key(self.name)
@@ -641,6 +768,13 @@ class ClusterNode(EngineHooks):
                 continue
             elif kind == "client-":
                 pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(self.name), args[0], self.name)
+                continue
+            elif kind == "session+":
+                pipe.hset(SESSIONS, args[0], self.name)
+                pipe.sadd(_sessions_key(self.name), args[0])
+                continue
+            elif kind == "session-":
+                pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(self.name), args[0], self.name)
                 continue
             elif kind == "ban":
                 record = json.loads(args[1])

@@ -259,3 +259,50 @@ def test_a_ban_made_on_one_node_kicks_on_every_node_and_is_lifted_everywhere(
             what="the ban to be lifted everywhere",
         )
     clients.new("victim-back").connect("127.0.0.1", port(a), bind_address="127.0.0.67")
+
+
+def test_a_client_id_moving_between_nodes_takes_its_session_along(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+) -> None:
+    a, b = two_nodes
+    # Offline on node-a with two messages queued...
+    mover = clients.new("mover", clean_session=False).connect("127.0.0.1", port(a))
+    assert mover.subscribe("jobs/#", 1) == [1]
+    mover.close()
+    publisher = clients.new("boss").connect("127.0.0.1", port(a))
+    publisher.publish("jobs/1", b"first", qos=1)
+    publisher.publish("jobs/2", b"second", qos=1)
+    # ...it comes back on node-b: the session came along, the queue delivered in order.
+    back = clients.new("mover", clean_session=False).connect("127.0.0.1", port(b), bind_address="127.0.0.68")
+    assert back.session_present
+    assert [(m.topic, m.payload) for m in (back.expect(), back.expect())] == [
+        ("jobs/1", b"first"),
+        ("jobs/2", b"second"),
+    ]
+    b.wait_for_log(r"client 'mover': its session came over from another node")
+    subscriptions = json.loads(ctl(b, "subscriptions", "--client", "mover", "--json").stdout)
+    assert [s["topic"] for s in subscriptions] == ["jobs/#"]
+    assert json.loads(ctl(a, "subscriptions", "--client", "mover", "--json").stdout) == []
+    # Its subscription routes on node-b now: node-a forwards there.
+    wait_until(lambda: routes_of(a, "node-b") == 1, what="the moved subscription's route")
+    publisher.publish("jobs/3", b"third", qos=1)
+    assert back.expect().payload == b"third"
+
+    # Connected on node-b, the same id connects to node-a: node-b closes its connection first
+    # (MQTT 5: DISCONNECT 0x8E), and the session moves again.
+    v5_b, v5_a = V5Clients(Route(b, port(b))), V5Clients(Route(a, port(a)))
+    try:
+        live = v5_b.connect("live", clean_start=False, SessionExpiryInterval=300)
+        assert v5_b.connack(live)[0] == 0
+        assert live.subscribe("live/#", 1) == [1]
+        moved = v5_a.connect("live", clean_start=False, SessionExpiryInterval=300)
+        assert v5_a.connack(moved)[:2] == (0, True)
+        assert live.disconnects.get(timeout=WAIT) == 0x8E  # Session taken over
+        clients.new("live-pub").connect("127.0.0.1", port(b)).publish("live/x", b"to the new node", qos=1)
+        assert moved.expect().payload == b"to the new node"
+        # A clean start elsewhere ends the session where it was.
+        fresh = v5_b.connect("live", clean_start=True)
+        assert v5_b.connack(fresh)[:2] == (0, False)
+    finally:
+        v5_a.close_all()
+        v5_b.close_all()
