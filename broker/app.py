@@ -31,6 +31,7 @@ from broker.auth.scram import ScramCredentials, ScramExchange
 from broker.authorization import Authorizer
 from broker.bans import BanError, BanStore
 from broker.channel import Channel
+from broker.cluster.mirror import SessionMirror
 from broker.cluster.node import ClusterError, ClusterNode
 from broker.engine import Engine, EngineHooks
 from broker.errors import ConfigError, RealIPError
@@ -47,7 +48,7 @@ from broker.settings import (
     dump_settings,
     load_settings_file,
 )
-from broker.store.base import NullStore, Store, StoreError
+from broker.store.base import FanOut, NullStore, Store, StoreError
 from broker.store.sqlite import SqliteStore
 from broker.sys_topics import Hooks, SysTopics
 from listeners.acceptor import Opening
@@ -236,7 +237,7 @@ class BrokerApp:
             authorizer=make_authorizer(settings, self.sources),
             auth=self.auth,
             sources=self.sources,
-            store=self.store if settings.persistence.enable else None,
+            store=self._engine_store(settings),
         )
         node_name = settings.node.name or f"realip@{socket.gethostname()}"
         self.sys_topics: SysTopics | None = None
@@ -268,6 +269,10 @@ class BrokerApp:
                 on_ban=self.operations.apply_shared_ban,
                 sessions=self.engine.session_ids,
                 hand_over=self.engine.hand_over,
+                mirror=self.mirror,
+                snapshot=self.engine.snapshot,
+                adopt=self.engine.restore_sessions,
+                forget=self.engine.forget_session,
             )
             self.engine.cluster = self.cluster
             if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide
@@ -304,6 +309,15 @@ class BrokerApp:
         self._purger: asyncio.Task[None] | None = None
         #: Whether self.auth and self.sources are started (and must be closed).
         self._auth_started = False
+
+    def _engine_store(self, settings: Settings) -> Store | None:
+        """What the engine tells every change: the node's store (with persistence on), and in a
+        cluster the session mirror beside it (``self.mirror``)."""
+        own = self.store if settings.persistence.enable else None
+        self.mirror = SessionMirror() if settings.cluster.enable else None
+        if self.mirror is None:
+            return own
+        return self.mirror if own is None else FanOut(own, self.mirror)
 
     async def start(self) -> None:
         """Open the store, start the engine with the retained messages it kept, every listener,

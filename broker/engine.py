@@ -681,6 +681,16 @@ class Engine:
         if discard:
             self._discard(session)
             return None
+        stored = self.snapshot(client_id)
+        self.forget_session(client_id)
+        return stored
+
+    def snapshot(self, client_id: str) -> StoredSession | None:
+        """The whole of a session as a store keeps it (its state, subscriptions, queued and
+        in-flight deliveries), or None if there is none. Never raises."""
+        session = self._sessions.get(client_id)
+        if session is None:
+            return None
         loop_now, wall_now = self.loop.time(), time.time()
         state = session.stored(loop_now=loop_now, wall_now=wall_now)
         deliveries = []
@@ -689,13 +699,22 @@ class Engine:
                 deliveries.append(stored_delivery(delivery, loop_now=loop_now, wall_now=wall_now))
             except ValueError as exc:  # the decoder makes only storable values: a bug
                 topic = delivery.message.topic
-                logger.error("client %r: a message on %r not handed over: %s", client_id, topic, exc)
+                logger.error("client %r: a message on %r not kept: %s", client_id, topic, exc)
         subscriptions = tuple(
             StoredSubscription.from_options(topic_filter, options)
             for topic_filter, options in session.subscriptions.items()
         )
-        # Gone from here without ending: what waits goes with it (not counted as dropped), its
-        # delayed will too (not published here); the store forgets it.
+        return dataclasses.replace(state, subscriptions=subscriptions, deliveries=tuple(deliveries))
+
+    def forget_session(self, client_id: str) -> None:
+        """Let go of a session that lives on elsewhere (handed over, or another node holds it
+        now): what waits goes with it (not counted as dropped), a delayed will too (not published
+        here); the store forgets it. Never raises."""
+        session = self._sessions.get(client_id)
+        if session is None:
+            return
+        if session.channel is not None:
+            session.channel.close("takeover")
         session.inflight.clear()
         session.queue.clear()
         if session.will_timer is not None:
@@ -703,7 +722,6 @@ class Engine:
             session.will_timer = None
         session.pending_will = None
         self._discard(session)
-        return dataclasses.replace(state, subscriptions=subscriptions, deliveries=tuple(deliveries))
 
     def _attach(
         self,

@@ -16,6 +16,10 @@ Keys (all under ``realip:``):
   ``sessions:{name}``, the set of a node's: a CONNECT on another node asks that one to hand the
   session over (``claim`` / ``handed`` events, the session itself under ``handover:{request}`` for
   a few seconds);
+- ``session:{client id}``: a persistent session whole (``{node}\n`` + ``wire.encode_session``),
+  written by the node holding it at each heartbeat after it changed (``mirror.py``): when that node
+  dies, the first node to see it takes its sessions over (``GETDEL``: one node only), publishing
+  their wills once, and a client that reconnects anywhere resumes;
 - ``bans``: a hash, ``{kind}\0{value}`` -> the ban (JSON): the bans of the cluster, each made on
   one node (by an operator, or for failed authentications) and applied on every node;
 - ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining,
@@ -55,6 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.bans import Ban, BanStore
 from broker.cluster import wire
+from broker.cluster.mirror import SessionMirror
 from broker.cluster.routes import LocalFilters, RouteTable, route_filter
 from broker.core.session import Message
 from broker.engine import EngineHooks
@@ -72,6 +77,15 @@ EVENTS: Final = PREFIX + "events"
 NODES: Final = PREFIX + "nodes"
 CLIENTS: Final = PREFIX + "clients"
 SESSIONS: Final = PREFIX + "sessions"
+#: Forget the session blob KEYS[1] if node ARGV[1] wrote it (another may have since).
+_FORGET_BLOB: Final = r"""
+local blob = redis.call('GET', KEYS[1])
+if blob and string.sub(blob, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '\n' then
+    redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 #: Milliseconds a handed-over session waits in Redis for the node that claimed it.
 HANDOVER_TTL_MS: Final = 30_000
 BANS: Final = PREFIX + "bans"
@@ -118,6 +132,10 @@ def _clients_key(name: str) -> str:
 
 def _sessions_key(name: str) -> str:
     return f"{PREFIX}sessions:{name}"
+
+
+def _blob_key(client_id: str) -> str:
+    return f"{PREFIX}session:{client_id}"
 
 
 #: Forget that node ARGV[2] holds the session of ARGV[1] (KEYS: the sessions hash, the node's
@@ -170,6 +188,10 @@ class ClusterNode(EngineHooks):
         on_ban: Callable[[str, Ban, str], Awaitable[None]] | None = None,
         sessions: Callable[[], Iterable[str]] = tuple,
         hand_over: Callable[[str, bool], StoredSession | None] | None = None,
+        mirror: SessionMirror | None = None,
+        snapshot: Callable[[str], StoredSession | None] | None = None,
+        adopt: Callable[[list[StoredSession]], int] | None = None,
+        forget: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -192,6 +214,13 @@ class ClusterNode(EngineHooks):
         self._on_ban = on_ban
         self._local_sessions = sessions
         self._hand_over = hand_over
+        self._mirror = mirror
+        self._snapshot = snapshot
+        self._adopt = adopt
+        self._forget = forget
+        #: Sessions written to Redis, and taken over from dead nodes, since start.
+        self.sessions_written = 0
+        self.sessions_adopted = 0
         #: request id -> the future a claim waits on (the handover key, or None)
         self._claims: dict[str, asyncio.Future[str | None]] = {}
         if bans is not None:
@@ -310,8 +339,10 @@ class ClusterNode(EngineHooks):
         try:
             owner = await redis.hget(SESSIONS, client_id)
             owner = None if owner is None else _text(owner)
-            if owner is None or owner == self.name or owner not in self.nodes:
+            if owner == self.name:
                 return None
+            if owner is None or owner not in self.nodes:  # its node died: what it last wrote
+                return await self._take_blob(client_id)
             waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
             self._claims[request] = waiting
             await redis.publish(
@@ -344,6 +375,68 @@ class ClusterNode(EngineHooks):
         except wire.WireError as exc:
             logger.error("cluster: the session of %r from node %s is unreadable: %s", client_id, owner, exc)
             return None
+
+    async def _take_blob(self, client_id: str) -> StoredSession | None:
+        """The session a dead node last wrote of ``client_id``, taken (no other node gets it).
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached.
+        """
+        data: Any = await self._require().getdel(_blob_key(client_id))
+        if data is None:
+            return None
+        node, _, encoded = bytes(data).partition(b"\n")
+        try:
+            stored = wire.decode_session(encoded)
+        except wire.WireError as exc:
+            logger.error(
+                "cluster: the session of %r node %s wrote is unreadable: %s", client_id, node.decode(), exc
+            )
+            return None
+        logger.info("cluster: the session of %r taken over from node %s (gone)", client_id, node.decode())
+        return stored
+
+    async def _write_sessions(self, redis: aioredis.Redis) -> None:
+        """Every persistent session that changed since the last heartbeat, whole, to Redis."""
+        if self._mirror is None or self._snapshot is None:
+            return
+        changed, ended = self._mirror.take()
+        if not changed and not ended:
+            return
+        pipe = redis.pipeline(transaction=False)
+        prefix = f"{self.name}\n".encode()
+        for client_id in changed:
+            stored = self._snapshot(client_id)
+            if stored is None:
+                continue
+            try:
+                pipe.set(_blob_key(client_id), prefix + wire.encode_session(stored))
+            except ValueError as exc:  # the decoder makes only storable values: a bug
+                logger.error("cluster: the session of %r not written: %s", client_id, exc)
+        for client_id in ended:
+            pipe.eval(_FORGET_BLOB, 1, _blob_key(client_id), self.name)
+        try:
+            await pipe.execute()
+        except _AWAY:
+            self._mirror.give_back(changed, ended)
+            raise
+        self.sessions_written += len(changed)
+
+    async def _adopt_sessions(self, node: str) -> None:
+        """A node died: take over the sessions it held (each goes to the first node that gets it),
+        publishing the wills that fall due (once: no other node has the session)."""
+        if self._adopt is None:
+            return
+        redis = self._require()
+        ids: Any = await redis.smembers(_sessions_key(node))
+        taken = []
+        for client_id in ids:
+            stored = await self._take_blob(_text(client_id))
+            if stored is not None:
+                taken.append(stored)
+        if taken:
+            self.sessions_adopted += self._adopt(taken)
+            logger.warning("cluster: %d session(s) of node %s taken over", len(taken), node)
 
     async def _on_claim(self, claimer: str, client_id: str, request: str, discard: bool) -> None:
         """Another node admitted ``client_id``: hand its session over (if it is here)."""
@@ -482,8 +575,9 @@ class ClusterNode(EngineHooks):
         # The registry: what a former run of this node left is cleared, the clients here now
         # written (after a Redis outage, they may have changed meanwhile).
         await self._forget_clients(self.name)
+        await self._read_nodes()
+        held = await self._keep_own_sessions(list(self._local_sessions()))
         await self._forget_sessions(self.name)
-        held = list(self._local_sessions())
         if held:
             pipe = redis.pipeline(transaction=False)
             pipe.hset(SESSIONS, mapping=dict.fromkeys(held, self.name))
@@ -529,6 +623,27 @@ class ClusterNode(EngineHooks):
                 BANS,
                 mapping={f"{ban.kind}\0{ban.value}": json.dumps(dataclasses.asdict(ban)) for ban in mine},
             )
+
+    async def _keep_own_sessions(self, held: list[str]) -> list[str]:
+        """Of the sessions this node holds (restored from its store, or kept through a Redis
+        outage), let go of those another live node holds now (it took them over meanwhile);
+        returns the others."""
+        if not held:
+            return held
+        redis = self._require()
+        owners: Any = await redis.hmget(SESSIONS, held)
+        kept = []
+        for client_id, owner in zip(held, owners, strict=True):
+            holder = None if owner is None else _text(owner)
+            if holder is not None and holder != self.name and holder in self.nodes:
+                logger.info(
+                    "cluster: the session of %r lives on node %s now: dropped here", client_id, holder
+                )
+                if self._forget is not None:
+                    self._forget(client_id)
+            else:
+                kept.append(client_id)
+        return kept
 
     async def _forget_sessions(self, node: str) -> None:
         """Clear what ``node`` held of the sessions index (it died, or this is its new run)."""
@@ -636,7 +751,9 @@ class ClusterNode(EngineHooks):
             cleanup.delete(_routes_key(node))
             await cleanup.execute()
             await self._forget_clients(node)
+            await self._adopt_sessions(node)
             await self._forget_sessions(node)
+        await self._write_sessions(redis)
         for node in set(self.nodes) - before - {self.name}:  # joined while we did not listen
             self.routes.replace(node, _texts(await redis.smembers(_routes_key(node))))
         self._backlog = sum(len(queued) for queued in self._outbox.values())
@@ -829,6 +946,8 @@ class ClusterNode(EngineHooks):
             ],
             "forwarded": dict(self.forwarded),
             "received": self.received,
+            "sessions_written": self.sessions_written,
+            "sessions_taken_over": self.sessions_adopted,
             "backlog": self._backlog,
             "dropped": dict(self.dropped),
         }

@@ -575,3 +575,106 @@ class MemoryStore:
 
     async def close(self) -> None:
         """Nothing to close (the messages stay, for a test to read). Never raises."""
+
+
+class FanOut:
+    """Several stores told the same changes, in order (the node's own store, then the cluster's
+    session mirror): what is loaded at start comes from the first; its counters are the first's.
+    The first is the one that numbers deliveries (``Delivery.seq``)."""
+
+    def __init__(self, *stores: Store) -> None:
+        self.stores = stores
+        self.location = stores[0].location
+
+    async def open(self) -> None:
+        """Open each, in order.
+
+        Raises:
+            StoreError: as :meth:`Store.open` (those opened are left open: close them).
+        """
+        for store in self.stores:
+            await store.open()
+
+    async def load_retained(self) -> list[StoredMessage]:
+        """The first store's.
+
+        Raises:
+            StoreError: it cannot be read.
+        """
+        return await self.stores[0].load_retained()
+
+    def put_retained(self, message: Message) -> None:
+        """To each. Raises as :meth:`Store.put_retained`."""
+        for store in self.stores:
+            store.put_retained(message)
+
+    def delete_retained(self, topic: str) -> None:
+        """To each. Raises as :meth:`Store.delete_retained`."""
+        for store in self.stores:
+            store.delete_retained(topic)
+
+    async def load_sessions(self) -> list[StoredSession]:
+        """The first store's.
+
+        Raises:
+            StoreError: it cannot be read.
+        """
+        return await self.stores[0].load_sessions()
+
+    def put_session(self, state: SessionState) -> None:
+        """To each. Raises as :meth:`Store.put_session`."""
+        for store in self.stores:
+            store.put_session(state)
+
+    def delete_session(self, client_id: str) -> None:
+        """To each. Raises as :meth:`Store.delete_session`."""
+        for store in self.stores:
+            store.delete_session(client_id)
+
+    def put_subscription(self, client_id: str, topic_filter: str, options: SubOptions) -> None:
+        """To each. Raises as :meth:`Store.put_subscription`."""
+        for store in self.stores:
+            store.put_subscription(client_id, topic_filter, options)
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None:
+        """To each. Raises as :meth:`Store.delete_subscription`."""
+        for store in self.stores:
+            store.delete_subscription(client_id, topic_filter)
+
+    def put_delivery(self, client_id: str, delivery: Delivery) -> None:
+        """To each. Raises as :meth:`Store.put_delivery`."""
+        for store in self.stores:
+            store.put_delivery(client_id, delivery)
+
+    def delete_delivery(self, client_id: str, seq: int) -> None:
+        """To each. Raises as :meth:`Store.delete_delivery`."""
+        for store in self.stores:
+            store.delete_delivery(client_id, seq)
+
+    def stats(self) -> dict[str, int]:
+        """The first store's. Never raises."""
+        return self.stores[0].stats()
+
+    async def flush(self) -> None:
+        """Each, in order.
+
+        Raises:
+            StoreError: as :meth:`Store.flush`.
+        """
+        for store in self.stores:
+            await store.flush()
+
+    async def close(self) -> None:
+        """Each, in order, all of them even if one fails.
+
+        Raises:
+            StoreError: the first failure (the others are closed anyway).
+        """
+        error: StoreError | None = None
+        for store in self.stores:
+            try:
+                await store.close()
+            except StoreError as exc:
+                error = error or exc
+        if error is not None:
+            raise error

@@ -306,3 +306,37 @@ def test_a_client_id_moving_between_nodes_takes_its_session_along(
     finally:
         v5_a.close_all()
         v5_b.close_all()
+
+
+def test_a_node_killed_loses_no_persistent_session_and_its_wills_go_once(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = two_nodes
+    watcher = clients.new("watcher").connect("127.0.0.1", port(b))
+    assert watcher.subscribe("wills/#", 1) == [1]
+    # On node-a: an offline persistent session with a message queued, and a connected client
+    # with a will (its session persistent too).
+    sleeper = clients.new("sleeper", clean_session=False).connect("127.0.0.1", port(a))
+    assert sleeper.subscribe("mail/#", 1) == [1]
+    sleeper.close()
+    wait_until(lambda: routes_of(b, "node-a") == 1, what="node-a's route (mail/#)")
+    clients.new("postman").connect("127.0.0.1", port(b)).publish("mail/1", b"while asleep", qos=1)
+    dying = clients.new("dying", clean_session=False)
+    dying.client.will_set("wills/dying", b"gone", qos=1)
+    dying.connect("127.0.0.1", port(a))
+
+    def written() -> bool:
+        sleeping = redis_server.command("GET", "realip:session:sleeper")
+        return b'"topic": "mail/1"' in sleeping and b"wills/dying" in redis_server.command(
+            "GET", "realip:session:dying"
+        )
+
+    wait_until(written, what="node-a to write both sessions, queue and will, to Redis")
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    b.wait_for_log(r"cluster: 2 session\(s\) of node node-a taken over", timeout=3 * WAIT)
+    will = watcher.expect()
+    assert (will.topic, will.payload) == ("wills/dying", b"gone")
+    watcher.expect_nothing()  # once
+    back = clients.new("sleeper", clean_session=False).connect("127.0.0.1", port(b))
+    assert back.session_present
+    assert back.expect().payload == b"while asleep"

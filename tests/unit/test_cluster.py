@@ -67,3 +67,41 @@ def test_a_damaged_batch_is_refused(damage: object) -> None:
     data = wire.encode([Message("a", b"payload", 1, False, "p", {"content_type": "t"})], now=0.0)
     with pytest.raises(wire.WireError):
         wire.decode(damage(data), now=0.0)  # type: ignore[operator]
+
+
+def test_the_mirror_marks_what_changed_and_gives_back_what_was_not_written() -> None:
+    from broker.cluster.mirror import SessionMirror
+    from broker.core.session import Delivery, SubOptions
+
+    mirror = SessionMirror()
+    mirror.put_subscription("a", "x", SubOptions(1))
+    mirror.put_delivery("b", Delivery(Message("t", b"", 1, False), 1))
+    mirror.delete_session("c")
+    assert mirror.take() == ({"a", "b"}, {"c"})
+    assert mirror.take() == (set(), set())
+    mirror.delete_session("a")  # ended after a failed write of its change: ended wins
+    mirror.give_back({"a", "b"}, {"c"})
+    assert (mirror.changed, mirror.ended) == ({"b"}, {"a", "c"})
+
+
+def test_a_session_round_trips_through_its_wire_form() -> None:
+    from broker.store.base import StoredDelivery, StoredMessage, StoredSession, StoredSubscription, StoredWill
+
+    message = StoredMessage("jobs/1", b"\x00\xff", 1, "p", {"user_property": [["k", "v"]]}, 1e9, False)
+    session = StoredSession(
+        "c",
+        300.0,
+        None,
+        "ann",
+        "ann",
+        True,
+        False,
+        "192.0.2.1",
+        (7,),
+        StoredWill(StoredMessage("w", b"bye", 1, "c", None, None, True), 5.0, None),
+        (StoredSubscription("jobs/#", 1, True, False, 3),),
+        (StoredDelivery(4, message, 1, False, (3,), 9, False),),
+    )
+    assert wire.decode_session(wire.encode_session(session)) == session
+    with pytest.raises(wire.WireError):
+        wire.decode_session(b'{"client_id": 1}')
