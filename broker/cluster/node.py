@@ -353,14 +353,17 @@ class ClusterNode(EngineHooks):
             if key is None:
                 return None
             data: Any = await redis.getdel(key)
-        except TimeoutError:
+        except TimeoutError:  # it died without the others knowing yet: what it last wrote
             logger.warning(
-                "cluster: node %s did not hand over the session of %r within %gs: a new one here",
+                "cluster: node %s did not hand over the session of %r within %gs: taking what it wrote",
                 owner,
                 client_id,
                 self.settings.node_timeout,
             )
-            return None
+            try:
+                return await self._take_blob(client_id)
+            except (*_AWAY, RedisError):
+                return None
         except (*_AWAY, RedisError) as exc:
             logger.warning(
                 "cluster: the session of %r could not be claimed (%s): a new one here", client_id, exc

@@ -2,11 +2,14 @@
 and one real redis-server (examples/cluster/). Clients on their own 127.x addresses land on
 different nodes; messages cross nodes at QoS 0/1/2 with 3.1.1 and 5.0 clients; every node reports
 its clients' real addresses, and the load balancer as their proxy; ``ctl clients show`` on any node
-reports every client's real address and node."""
+reports every client's real address and node; a ban made on one node kicks on another; a
+persistent client reconnecting through NGINX lands on another node and resumes its session, and
+resumes again after the node holding it is killed."""
 
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +66,13 @@ def test_three_nodes_behind_one_nginx(
                     "10.0.0.11:1883": "127.0.0.1:0",
                     "10.0.0.5/32": f"{EDGE}/32",
                     "redis://10.0.0.9:6379/0": redis_server.url,
+                },
+                # Quicker than the example's 1s / 5s, so that a dead node is seen within the test.
+                cluster={
+                    "enable": True,
+                    "redis": {"url": redis_server.url},
+                    "heartbeat_interval": "200ms",
+                    "node_timeout": "1s",
                 },
             )
         )
@@ -149,5 +159,44 @@ def test_three_nodes_behind_one_nginx(
             subscriber.expect_nothing()
         got_v5 = sorted((m.topic, m.payload) for m in (sub_v5.expect() for _ in sent))
         assert got_v5 == sorted(sent)
+
+        # A ban made on one node kicks the client on whichever node it is, and is lifted everywhere.
+        banned_node = placed["pub-0"][0]
+        other = next(name for name in NAMES if name != banned_node)
+        assert ctl(nodes[other], "banned", "add", "peerhost", "127.0.0.81").returncode == 0
+        assert publishers[0].disconnected.wait(10)
+        nodes[banned_node].wait_for_log(r"ban peerhost 127\.0\.0\.81 kicked 1 client\(s\): pub-0")
+        assert ctl(nodes[banned_node], "banned", "delete", "peerhost", "127.0.0.81").returncode == 0
     finally:
         v5.close_all()
+    roaming(nodes, port, clients, redis_server)
+
+
+def roaming(nodes: dict[str, BrokerProcess], port: int, clients: Clients, redis: RedisServer) -> None:
+    """A persistent client reconnecting through NGINX lands on another node (round robin) and
+    resumes its session there; the node holding it killed, it resumes on another again."""
+    roamer = clients.new("roamer", clean_session=False).connect("127.0.0.1", port, bind_address="127.0.0.91")
+    assert roamer.subscribe("roam/#", 1) == [1]
+    first, _ = where(nodes, "roamer")
+    roamer.close()
+    sender = clients.new("sender").connect("127.0.0.1", port, bind_address="127.0.0.92")
+    sender.publish("roam/1", b"while away", qos=1)
+    back = clients.new("roamer", clean_session=False).connect("127.0.0.1", port, bind_address="127.0.0.91")
+    assert back.session_present
+    assert back.expect().payload == b"while away"
+    second, info = where(nodes, "roamer")
+    assert second != first  # round robin: the next connection went to another node
+    assert info["ip_address"] == "127.0.0.91"
+    back.close()
+    sender.publish("roam/2", b"before the crash", qos=1)
+    holder = nodes[second]
+    wait_until(  # written to Redis at the holder's next heartbeat
+        lambda: b'"topic": "roam/2"' in redis.command("GET", "realip:session:roamer"),
+        what="the queued message in the session the holder wrote to Redis",
+    )
+    assert holder.stop(signal.SIGKILL) == -signal.SIGKILL
+    # NGINX skips the dead node; the session, taken over from what the dead node last wrote,
+    # carries the message queued there.
+    again = clients.new("roamer", clean_session=False).connect("127.0.0.1", port, bind_address="127.0.0.91")
+    assert again.session_present
+    assert again.expect().payload == b"before the crash"
