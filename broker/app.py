@@ -273,6 +273,8 @@ class BrokerApp:
                 snapshot=self.engine.snapshot,
                 adopt=self.engine.restore_sessions,
                 forget=self.engine.forget_session,
+                users=self.users,
+                on_user=self.operations.apply_shared_user,
             )
             self.engine.cluster = self.cluster
             if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide

@@ -218,6 +218,25 @@ class Operations:
             )
         return kicked
 
+    def apply_shared_user(self, change: str, user: User, node: str) -> None:
+        """A user another node of the cluster added, changed (``change`` "put") or deleted:
+        the same here (audited, ``by`` naming that node). Never raises (a user that cannot be
+        stored here is logged)."""
+        by = f"cluster@{node}"
+        try:
+            if change == "delete":
+                if self.users.get(user.username) is not None:
+                    self.users.delete(user.username, shared=False)
+                    self.audit.log.write("user_deleted", username=user.username, by=by)
+                return
+            existed = self.users.get(user.username) is not None
+            self.users.put(user)
+        except UserError as exc:
+            logger.warning("cluster: user %r from node %s not applied: %s", user.username, node, exc)
+            return
+        event = "user_updated" if existed else "user_added"
+        self.audit.log.write(event, username=user.username, is_superuser=user.is_superuser, by=by)
+
     async def apply_shared_ban(self, change: str, ban: Ban, node: str) -> None:
         """A ban another node of the cluster added (``change`` "add") or deleted: applied here
         (audited, ``by`` naming that node) and, for an added one, the clients here it matches

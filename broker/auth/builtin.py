@@ -28,6 +28,7 @@ import binascii
 import builtins
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,7 +118,8 @@ def _unb64(text: Any) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def _user_to_json(user: User) -> dict[str, Any]:
+def user_to_json(user: User) -> dict[str, Any]:
+    """A user as the file (and the cluster's Redis) keeps it: with its hash and SCRAM keys."""
     return {
         "username": user.username,
         "password_hash": user.password_hash,
@@ -135,7 +137,7 @@ def _user_to_json(user: User) -> dict[str, Any]:
     }
 
 
-def _user_from_json(entry: Any) -> User:
+def user_from_json(entry: Any) -> User:
     """A user of the file.
 
     Raises:
@@ -181,6 +183,10 @@ class UserStore:
         self.path = Path(data_dir) / FILE_NAME
         self._users: dict[str, User] = {}
         self._typical: str | None = None
+        #: Told of every user added, changed or deleted here ("put" with the user, "delete" with
+        #: the user removed), unless the change came from elsewhere (``shared=False``): the
+        #: cluster shares them.
+        self.on_change: Callable[[str, User], None] | None = None
 
     def load(self) -> None:
         """Read the user file, if there is one (none: no users).
@@ -205,7 +211,7 @@ class UserStore:
                 raise TypeError("no 'users' list")
             users: dict[str, User] = {}
             for entry in entries:
-                user = _user_from_json(entry)
+                user = user_from_json(entry)
                 if user.username in users:
                     raise ValueError(f"user {user.username!r} appears twice")
                 users[user.username] = user
@@ -279,6 +285,21 @@ class UserStore:
         if user.username in self._users:
             raise UserError(f"user {user.username!r} already exists")
         self._commit({**self._users, user.username: user})
+        self._tell("put", user)
+
+    def put(self, user: User) -> None:
+        """Add or replace a user another node of the cluster changed (not told to
+        :attr:`on_change`), and persist the list.
+
+        Raises:
+            UserError: its name is refused, or the file cannot be written.
+        """
+        check_username(user.username)
+        self._commit({**self._users, user.username: user})
+
+    def _tell(self, change: str, user: User) -> None:
+        if self.on_change is not None:
+            self.on_change(change, user)
 
     def replace(self, user: User) -> User:
         """Replace an existing user (a new password, superuser flag) and persist the list. The user
@@ -293,10 +314,12 @@ class UserStore:
             raise UserError(f"user {user.username!r} does not exist")
         stored = User(user.username, user.password_hash, user.is_superuser, previous.created_at, user.scram)
         self._commit({**self._users, user.username: stored})
+        self._tell("put", stored)
         return stored
 
-    def delete(self, username: str) -> User:
-        """Remove a user and persist the list; returns the user removed.
+    def delete(self, username: str, *, shared: bool = True) -> User:
+        """Remove a user and persist the list; returns the user removed. ``shared``: tell
+        :attr:`on_change` (False for a deletion another node made).
 
         Raises:
             UserError: no user has that name, or the file cannot be written (the users are then
@@ -306,6 +329,8 @@ class UserStore:
         if removed is None:
             raise UserError(f"user {username!r} does not exist")
         self._commit({name: user for name, user in self._users.items() if name != username})
+        if shared:
+            self._tell("delete", removed)
         return removed
 
     def _commit(self, users: dict[str, User]) -> None:
@@ -326,7 +351,7 @@ class UserStore:
         Raises:
             OSError: it cannot be written; the old file is then intact.
         """
-        document = {"version": FILE_VERSION, "users": [_user_to_json(users[name]) for name in sorted(users)]}
+        document = {"version": FILE_VERSION, "users": [user_to_json(users[name]) for name in sorted(users)]}
         replace_atomically(self.path, json.dumps(document, indent=1).encode())
 
 

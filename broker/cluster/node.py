@@ -20,6 +20,9 @@ Keys (all under ``realip:``):
   written by the node holding it at each heartbeat after it changed (``mirror.py``): when that node
   dies, the first node to see it takes its sessions over (``GETDEL``: one node only), publishing
   their wills once, and a client that reconnects anywhere resumes;
+- ``users``: a hash, user name -> the built-in database's record (its password hash and SCRAM
+  keys: this Redis must be as private as the nodes' data directories), changed on any node
+  (``user`` events) and kept on every node;
 - ``bans``: a hash, ``{kind}\0{value}`` -> the ban (JSON): the bans of the cluster, each made on
   one node (by an operator, or for failed authentications) and applied on every node;
 - ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining,
@@ -57,6 +60,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.auth.builtin import User, UserError, UserStore, user_from_json, user_to_json
 from broker.bans import Ban, BanStore
 from broker.cluster import wire
 from broker.cluster.mirror import SessionMirror
@@ -89,6 +93,7 @@ return 0
 #: Milliseconds a handed-over session waits in Redis for the node that claimed it.
 HANDOVER_TTL_MS: Final = 30_000
 BANS: Final = PREFIX + "bans"
+USERS: Final = PREFIX + "users"
 #: Batches kept in a node's inbox stream (approximately): what a node slow to read may fall behind.
 INBOX_LENGTH: Final = 10_000
 #: Messages held for other nodes while Redis cannot take them; beyond, new ones are dropped.
@@ -192,6 +197,8 @@ class ClusterNode(EngineHooks):
         snapshot: Callable[[str], StoredSession | None] | None = None,
         adopt: Callable[[list[StoredSession]], int] | None = None,
         forget: Callable[[str], None] | None = None,
+        users: UserStore | None = None,
+        on_user: Callable[[str, User, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -218,6 +225,10 @@ class ClusterNode(EngineHooks):
         self._snapshot = snapshot
         self._adopt = adopt
         self._forget = forget
+        self._users = users
+        self._on_user = on_user
+        if users is not None:
+            users.on_change = self.user_changed
         #: Sessions written to Redis, and taken over from dead nodes, since start.
         self.sessions_written = 0
         self.sessions_adopted = 0
@@ -452,6 +463,12 @@ class ClusterNode(EngineHooks):
             logger.info("cluster: the session of %r handed over to node %s", client_id, claimer)
         await redis.publish(EVENTS, "\0".join(("handed", self.name, claimer, request, key)))
 
+    def user_changed(self, change: str, user: User) -> None:
+        """A user was added, changed or deleted here (``UserStore.on_change``): every node too."""
+        if self._running:
+            self._ops.append(("user", change, user.username, json.dumps(user_to_json(user))))
+            self._wake.set()
+
     def ban_changed(self, change: str, ban: Ban) -> None:
         """A ban was added or deleted here (``BanStore.on_change``): every node applies it."""
         if self._running:
@@ -596,7 +613,29 @@ class ClusterNode(EngineHooks):
             await pipe.execute()
         self._ops = [op for op in self._ops if op[0] in ("kick", "ban")]  # the rest is written now
         await self._merge_bans()
+        await self._merge_users()
         await self._read_nodes()
+
+    async def _merge_users(self) -> None:
+        """The cluster's users and this node's, made one: Redis's record wins for a user both
+        have; those only this node has are written to Redis."""
+        if self._users is None or self._on_user is None:
+            return
+        redis = self._require()
+        stored: Any = await redis.hgetall(USERS)
+        names = set()
+        for raw in stored.values():
+            user = _user_record(raw)
+            if user is None:
+                continue
+            names.add(user.username)
+            if self._users.get(user.username) != user:
+                self._on_user("put", user, "cluster")
+        missing = [user for user in self._users.list() if user.username not in names]
+        if missing:
+            await redis.hset(
+                USERS, mapping={user.username: json.dumps(user_to_json(user)) for user in missing}
+            )
 
     async def _merge_bans(self) -> None:
         """The cluster's bans and this node's, made one: those only Redis has are applied here,
@@ -802,6 +841,8 @@ class ClusterNode(EngineHooks):
         elif kind == "bye":  # it left cleanly
             self.routes.drop(node)
             self.nodes.pop(node, None)
+        elif kind == "user" and len(args) == 2 and self._on_user is not None:
+            await self._on_shared_user(node, *args)
         elif kind == "ban" and len(args) == 2:
             await self._on_shared_ban(node, *args)
         elif kind == "claim" and len(args) == 4 and args[0] == self.name:
@@ -813,6 +854,18 @@ class ClusterNode(EngineHooks):
         elif kind == "kick" and len(args) == 2 and args[0] == self.name and self._kick is not None:
             kicked = await self._kick(args[1])
             logger.info("cluster: client %r kicked from node %s: %s", args[1], node, kicked)
+
+    async def _on_shared_user(self, node: str, change: str, username: str) -> None:
+        assert self._on_user is not None
+        if change == "delete":
+            known = None if self._users is None else self._users.get(username)
+            if known is not None:
+                self._on_user("delete", known, node)
+            return
+        raw = await self._require().hget(USERS, username)
+        user = _user_record(raw)
+        if user is not None:
+            self._on_user("put", user, node)
 
     async def _on_shared_ban(self, node: str, change: str, raw: str) -> None:
         try:
@@ -870,6 +923,42 @@ class ClusterNode(EngineHooks):
             except RedisError as exc:  # dropped (counted) by _write_pending: retrying would fail again
                 logger.error("cluster: Redis refused a write: %s", exc)
 
+    def _queue_op(self, pipe: Any, kind: str, args: list[str]) -> list[str] | None:
+        """Queue one of :attr:`_ops` on ``pipe``; returns the fields of the event it announces
+        (None: the registry's own writes, which announce nothing)."""
+        if kind == "add":
+            pipe.sadd(_routes_key(self.name), args[0])
+        elif kind == "del":
+            pipe.srem(_routes_key(self.name), args[0])
+        elif kind == "client+":
+            pipe.hset(CLIENTS, args[0], f"{self.name}\n{args[1]}")
+            pipe.sadd(_clients_key(self.name), args[0])
+            return None
+        elif kind == "client-":
+            pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(self.name), args[0], self.name)
+            return None
+        elif kind == "session+":
+            pipe.hset(SESSIONS, args[0], self.name)
+            pipe.sadd(_sessions_key(self.name), args[0])
+            return None
+        elif kind == "session-":
+            pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(self.name), args[0], self.name)
+            return None
+        elif kind == "user":
+            if args[0] == "put":
+                pipe.hset(USERS, args[1], args[2])
+            else:
+                pipe.hdel(USERS, args[1])
+            return args[:2]  # the event names the user; the others read the record from the hash
+        elif kind == "ban":
+            record = json.loads(args[1])
+            key = f"{record['kind']}\0{record['value']}"
+            if args[0] == "add":
+                pipe.hset(BANS, key, args[1])
+            else:
+                pipe.hdel(BANS, key)
+        return args
+
     async def _write_pending(self, redis: aioredis.Redis) -> None:
         """Route changes, then the held messages, in one pipeline; kept if it fails."""
         ops, outbox = self._ops, self._outbox
@@ -878,32 +967,9 @@ class ClusterNode(EngineHooks):
         now = self._clock()
         pipe = redis.pipeline(transaction=False)
         for kind, *args in ops:
-            if kind == "add":
-                pipe.sadd(_routes_key(self.name), args[0])
-            elif kind == "del":
-                pipe.srem(_routes_key(self.name), args[0])
-            elif kind == "client+":
-                pipe.hset(CLIENTS, args[0], f"{self.name}\n{args[1]}")
-                pipe.sadd(_clients_key(self.name), args[0])
-                continue
-            elif kind == "client-":
-                pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(self.name), args[0], self.name)
-                continue
-            elif kind == "session+":
-                pipe.hset(SESSIONS, args[0], self.name)
-                pipe.sadd(_sessions_key(self.name), args[0])
-                continue
-            elif kind == "session-":
-                pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(self.name), args[0], self.name)
-                continue
-            elif kind == "ban":
-                record = json.loads(args[1])
-                key = f"{record['kind']}\0{record['value']}"
-                if args[0] == "add":
-                    pipe.hset(BANS, key, args[1])
-                else:
-                    pipe.hdel(BANS, key)
-            pipe.publish(EVENTS, "\0".join((kind, self.name, *args)))
+            event = self._queue_op(pipe, kind, args)
+            if event is not None:
+                pipe.publish(EVENTS, "\0".join((kind, self.name, *event)))
         sent: Counter[str] = Counter()
         for node, messages in outbox.items():
             for start in range(0, len(messages), BATCH_MESSAGES):
@@ -973,3 +1039,14 @@ def _client_record(raw: bytes | str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return {**data, "node": node} if isinstance(data, dict) else None
+
+
+def _user_record(raw: bytes | str | None) -> User | None:
+    """A user from the ``users`` hash, or None (absent, or unreadable: logged)."""
+    if raw is None:
+        return None
+    try:
+        return user_from_json(json.loads(raw))
+    except (ValueError, TypeError, KeyError, UserError) as exc:  # binascii.Error is a ValueError
+        logger.warning("cluster: an unreadable user in %s (%s): skipped", USERS, exc)
+        return None

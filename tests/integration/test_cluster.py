@@ -340,3 +340,32 @@ def test_a_node_killed_loses_no_persistent_session_and_its_wills_go_once(
     back = clients.new("sleeper", clean_session=False).connect("127.0.0.1", port(b))
     assert back.session_present
     assert back.expect().payload == b"while asleep"
+
+
+def test_a_user_added_on_one_node_logs_in_on_every_node(
+    start_broker: BrokerFactory, redis_server: RedisServer, clients: Clients
+) -> None:
+    from tests.integration.test_authentication import BUILTIN, add_user
+
+    a = start_broker({**node_config(redis_server, "node-a"), "authentication": [BUILTIN]})
+    b = start_broker({**node_config(redis_server, "node-b"), "authentication": [BUILTIN]})
+    wait_until(lambda: routes_of(a, "node-b") is not None, what="node-a to know node-b")
+    added = add_user(a, "ann", "s3cret-enough")
+    assert added.returncode == 0, added.stderr
+
+    def listed(broker: BrokerProcess) -> list[str]:
+        return [user["user_id"] for user in json.loads(ctl(broker, "users", "list", "--json").stdout)]
+
+    wait_until(lambda: listed(b) == ["ann"], what="node-b to have node-a's user")
+    client = clients.new("ann-client")
+    client.client.username_pw_set("ann", "s3cret-enough")
+    client.connect("127.0.0.1", port(b))
+    # A node that joins later has it; deleted on that one, it is gone everywhere.
+    c = start_broker({**node_config(redis_server, "node-c"), "authentication": [BUILTIN]})
+    assert listed(c) == ["ann"]
+    assert ctl(c, "users", "delete", "ann").returncode == 0
+    for broker in (a, b):
+        wait_until(lambda broker=broker: listed(broker) == [], what="the user to be deleted everywhere")
+    refused = clients.new("ann-again")
+    refused.client.username_pw_set("ann", "s3cret-enough")
+    refused.connect("127.0.0.1", port(a), expect_rc=4)
