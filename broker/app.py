@@ -275,6 +275,7 @@ class BrokerApp:
                 forget=self.engine.forget_session,
                 users=self.users,
                 on_user=self.operations.apply_shared_user,
+                keep_retained=self.engine.keep_retained,
             )
             self.engine.cluster = self.cluster
             if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide

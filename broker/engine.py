@@ -1221,6 +1221,12 @@ class Engine:
             if message.retain:
                 self.retain(message, None)
 
+    def keep_retained(self, messages: list[Message]) -> None:
+        """Retained messages the cluster held while this node was away: kept, routed to nobody
+        (a subscriber gets them when it subscribes)."""
+        for message in messages:
+            self.retain(message, None)
+
     def route_local(self, message: Message) -> int:
         """Deliver a message to every matching subscriber of this node: one copy per client, at
         min(publish QoS, the highest QoS of its matching subscriptions) [MQTT-3.3.5-1] (or the

@@ -20,6 +20,8 @@ Keys (all under ``realip:``):
   written by the node holding it at each heartbeat after it changed (``mirror.py``): when that node
   dies, the first node to see it takes its sessions over (``GETDEL``: one node only), publishing
   their wills once, and a client that reconnects anywhere resumes;
+- ``retained``: a hash, topic -> the topic's retained message (``{wall clock}\n`` + a batch of
+  one), written by the node it was published on: what a node that joins starts with;
 - ``users``: a hash, user name -> the built-in database's record (its password hash and SCRAM
   keys: this Redis must be as private as the nodes' data directories), changed on any node
   (``user`` events) and kept on every node;
@@ -94,6 +96,7 @@ return 0
 HANDOVER_TTL_MS: Final = 30_000
 BANS: Final = PREFIX + "bans"
 USERS: Final = PREFIX + "users"
+RETAINED: Final = PREFIX + "retained"
 #: Batches kept in a node's inbox stream (approximately): what a node slow to read may fall behind.
 INBOX_LENGTH: Final = 10_000
 #: Messages held for other nodes while Redis cannot take them; beyond, new ones are dropped.
@@ -199,6 +202,7 @@ class ClusterNode(EngineHooks):
         forget: Callable[[str], None] | None = None,
         users: UserStore | None = None,
         on_user: Callable[[str, User, str], None] | None = None,
+        keep_retained: Callable[[list[Message]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -227,6 +231,9 @@ class ClusterNode(EngineHooks):
         self._forget = forget
         self._users = users
         self._on_user = on_user
+        self._keep_retained = keep_retained
+        #: topic -> its latest retained message published here, to write to ``retained``
+        self._retained: dict[str, Message] = {}
         if users is not None:
             users.on_change = self.user_changed
         #: Sessions written to Redis, and taken over from dead nodes, since start.
@@ -275,6 +282,9 @@ class ClusterNode(EngineHooks):
         targets: Iterable[str] = self.routes.match(message.topic)
         if message.retain:
             targets = [node for node in self.nodes if node != self.name]
+            if self._running:
+                self._retained[message.topic] = message  # the latest wins: one write per topic
+                self._wake.set()
         count = 0
         for node in targets:
             if self._backlog >= MAX_BACKLOG:
@@ -614,7 +624,30 @@ class ClusterNode(EngineHooks):
         self._ops = [op for op in self._ops if op[0] in ("kick", "ban")]  # the rest is written now
         await self._merge_bans()
         await self._merge_users()
+        await self._load_retained()
         await self._read_nodes()
+
+    async def _load_retained(self) -> None:
+        """The cluster's retained messages, kept here (they win over what this node's store
+        had for the same topic: the cluster went on while this node was away)."""
+        if self._keep_retained is None:
+            return
+        stored: Any = await self._require().hgetall(RETAINED)
+        now, wall_now = self._clock(), time.time()
+        kept: list[Message] = []
+        for topic, raw in stored.items():
+            written, _, batch = bytes(raw).partition(b"\n")
+            try:
+                messages = wire.decode(batch, now - (wall_now - float(written)))
+            except (wire.WireError, ValueError) as exc:
+                logger.warning(
+                    "cluster: retained message on %r in %s unreadable (%s): skipped", topic, RETAINED, exc
+                )
+                continue
+            kept += [message for message in messages if not message.expired(now)]
+        if kept:
+            self._keep_retained(kept)
+            logger.info("cluster: %d retained message(s) of the cluster kept", len(kept))
 
     async def _merge_users(self) -> None:
         """The cluster's users and this node's, made one: Redis's record wins for a user both
@@ -961,8 +994,8 @@ class ClusterNode(EngineHooks):
 
     async def _write_pending(self, redis: aioredis.Redis) -> None:
         """Route changes, then the held messages, in one pipeline; kept if it fails."""
-        ops, outbox = self._ops, self._outbox
-        if not ops and not outbox:
+        ops, outbox, retained = self._ops, self._outbox, self._retained
+        if not ops and not outbox and not retained:
             return
         now = self._clock()
         pipe = redis.pipeline(transaction=False)
@@ -978,13 +1011,20 @@ class ClusterNode(EngineHooks):
                     _inbox_key(node), {"m": wire.encode(chunk, now)}, maxlen=INBOX_LENGTH, approximate=True
                 )
             sent[node] += len(messages)
-        self._ops, self._outbox = [], {}
+        wall = f"{time.time()}\n".encode()
+        for topic, message in retained.items():
+            if message.payload:
+                pipe.hset(RETAINED, topic, wall + wire.encode([message], now))
+            else:  # an empty retained message clears the topic [MQTT-3.3.1-10]
+                pipe.hdel(RETAINED, topic)
+        self._ops, self._outbox, self._retained = [], {}, {}
         try:
             await pipe.execute()
         except _AWAY:
             self._ops = ops + self._ops  # kept, before what came meanwhile
             for node, messages in outbox.items():
                 self._outbox[node] = messages + self._outbox.get(node, [])
+            self._retained = {**retained, **self._retained}
             raise
         except RedisError:
             self.dropped[REFUSED] += sum(sent.values())

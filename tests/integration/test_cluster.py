@@ -136,7 +136,10 @@ def test_routes_follow_subscriptions_and_a_dead_node_is_dropped(
 
 
 def test_retained_messages_reach_every_node(
-    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+    two_nodes: tuple[BrokerProcess, BrokerProcess],
+    clients: Clients,
+    start_broker: BrokerFactory,
+    redis_server: RedisServer,
 ) -> None:
     a, b = two_nodes
     clients.new("pub").connect("127.0.0.1", port(a)).publish("state/lamp", b"on", qos=1, retain=True)
@@ -151,6 +154,16 @@ def test_retained_messages_reach_every_node(
         return (message.topic, message.payload, message.retain) == ("state/lamp", b"on", True)
 
     wait_until(got_it, what="node-b to hold node-a's retained message")
+    # A node that joins later starts with the cluster's retained messages.
+    c = start_broker(node_config(redis_server, "node-c"))
+    c.wait_for_log(r"cluster: 1 retained message\(s\) of the cluster kept")
+    newcomer = clients.new("newcomer").connect("127.0.0.1", port(c))
+    newcomer.subscribe("state/#", 1)
+    message = newcomer.expect()
+    assert (message.topic, message.payload, message.retain) == ("state/lamp", b"on", True)
+    # Cleared on one node: cleared for the next one that joins too.
+    clients.new("clearer").connect("127.0.0.1", port(b)).publish("state/lamp", b"", qos=1, retain=True)
+    wait_until(lambda: redis_server.command("HLEN", "realip:retained") == b":0\r\n", what="the topic cleared")
 
 
 def test_redis_going_away_keeps_local_clients_served_and_the_node_rejoins(
