@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,6 +59,7 @@ from broker.store.base import (
 )
 
 if TYPE_CHECKING:
+    from broker.cluster.wire import Forwarded
     from broker.settings import ListenerSettings, MqttSettings
     from listeners.address import ClientAddress
     from listeners.connection import Link
@@ -189,9 +190,11 @@ class ClusterLink(Protocol):
     def unsubscribed(self, topic_filter: str) -> None:
         """A local session's subscription to ``topic_filter`` went."""
 
-    def forward(self, message: Message) -> int:
-        """Send ``message`` to the other nodes that want it; returns how many nodes."""
-        return 0
+    def forward(self, message: Message, local_groups: Iterable[str] = ()) -> tuple[int, set[str]]:
+        """Send ``message`` to the other nodes that want it; returns how many nodes, and which of
+        ``local_groups`` (this node's shared subscription groups matching it, ``$share/g/f``) take
+        it here (each group gets it once in the cluster)."""
+        return 0, set(local_groups)
 
     def session_started(self, client_id: str) -> None:
         """This node now holds the session of ``client_id``."""
@@ -1206,18 +1209,22 @@ class Engine:
 
     def route(self, message: Message) -> int:
         """Deliver a message to every local subscriber (:meth:`route_local`) and hand it to the
-        cluster for the other nodes' subscribers; returns how many sessions here and nodes there
-        it went to."""
-        count = self.route_local(message)
-        if self.cluster is not None:
-            count += self.cluster.forward(message)
-        return count
+        cluster for the other nodes' subscribers (a shared subscription group gets it once in the
+        cluster: the cluster says which of this node's groups take it here); returns how many
+        sessions here and nodes there it went to."""
+        if self.cluster is None:
+            return self.route_local(message)
+        _, groups = self._routes.get(message.topic) or self._targets(message.topic)
+        forwarded, kept = self.cluster.forward(message, [_group_route(group) for group in groups])
+        return self.route_local(message, shared=kept) + forwarded
 
-    def deliver_remote(self, messages: list[Message]) -> None:
-        """Messages another node of the cluster forwarded: delivered to this node's subscribers,
-        and retained here when they are retained (every node keeps every retained message)."""
-        for message in messages:
-            self.route_local(message)
+    def deliver_remote(self, entries: list[Forwarded]) -> None:
+        """Messages another node of the cluster forwarded: delivered to this node's subscribers
+        (when the entry says so) and to the shared groups whose turn it is here, and retained
+        here when they are retained (every node keeps every retained message)."""
+        for entry in entries:
+            message = entry.message
+            self.route_local(message, normal=entry.normal, shared=entry.groups)
             if message.retain:
                 self.retain(message, None)
 
@@ -1227,8 +1234,11 @@ class Engine:
         for message in messages:
             self.retain(message, None)
 
-    def route_local(self, message: Message) -> int:
-        """Deliver a message to every matching subscriber of this node: one copy per client, at
+    def route_local(
+        self, message: Message, *, normal: bool = True, shared: Collection[str] | None = None
+    ) -> int:
+        """Deliver a message to every matching subscriber of this node (with ``normal``; and of
+        its shared subscription groups, those in ``shared`` when given): one copy per client, at
         min(publish QoS, the highest QoS of its matching subscriptions) [MQTT-3.3.5-1] (or the
         subscription's QoS with ``upgrade_qos``), with the identifiers of every subscription it
         matched (MQTT 5 3.3.4), never back to its publisher through a No Local subscription
@@ -1237,8 +1247,10 @@ class Engine:
         topic = message.topic
         cached = self._routes.get(topic)
         targets, groups = self._targets(topic) if cached is None else cached
+        if groups and shared is not None:
+            groups = [group for group in groups if _group_route(group) in shared]
         count = self._route_shared(message, groups) if groups else 0
-        if not targets:
+        if not targets or not normal:
             return count
         upgrade = self.settings.upgrade_qos
         sessions = self._sessions
@@ -1849,6 +1861,11 @@ class Engine:
 
 #: The routing of a topic nobody subscribes to (shared, never changed).
 _NO_TARGETS: tuple[list[tuple[str, tuple[SubOptions, ...]]], list[SharedGroup]] = ([], [])
+
+
+def _group_route(group: SharedGroup) -> str:
+    """A shared subscription group as the cluster names it: ``$share/{group}/{filter}``."""
+    return f"$share/{group.group}/{group.filter}"
 
 
 def _shared(topic_filter: str) -> tuple[str, str] | None:

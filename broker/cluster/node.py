@@ -66,7 +66,7 @@ from broker.auth.builtin import User, UserError, UserStore, user_from_json, user
 from broker.bans import Ban, BanStore
 from broker.cluster import wire
 from broker.cluster.mirror import SessionMirror
-from broker.cluster.routes import LocalFilters, RouteTable, route_filter
+from broker.cluster.routes import LocalFilters, RouteTable
 from broker.core.session import Message
 from broker.engine import EngineHooks
 from broker.errors import RealIPError
@@ -91,6 +91,9 @@ if blob and string.sub(blob, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '\n' then
 end
 return 0
 """
+
+#: Holders a claim tries in turn (one may die, and another take its sessions over, meanwhile).
+CLAIM_ATTEMPTS: Final = 3
 
 #: Milliseconds a handed-over session waits in Redis for the node that claimed it.
 HANDOVER_TTL_MS: Final = 30_000
@@ -185,7 +188,7 @@ class ClusterNode(EngineHooks):
         self,
         settings: ClusterSettings,
         name: str,
-        deliver: Callable[[list[Message]], None],
+        deliver: Callable[[list[wire.Forwarded]], None],
         clock: Callable[[], float],
         version: str = "",
         *,
@@ -247,7 +250,7 @@ class ClusterNode(EngineHooks):
         self._instance = uuid.uuid4().hex
         self._started = time.time()
         self._redis: aioredis.Redis | None = None
-        self._outbox: dict[str, list[Message]] = {}
+        self._outbox: dict[str, list[wire.Forwarded]] = {}
         self._backlog = 0
         #: Writes queued for the sender, in order: ("add"|"del", filter), ("client+", id, record),
         #: ("client-", id), ("kick", node, id).
@@ -262,40 +265,55 @@ class ClusterNode(EngineHooks):
 
     def subscribed(self, topic_filter: str) -> None:
         """A local subscription to ``topic_filter`` (its route appears with the first)."""
-        route = route_filter(topic_filter)
+        route = topic_filter  # a shared subscription's route is kept whole: $share/{group}/{filter}
         if self.local.add(route) and self._running:
             self._ops.append(("add", route))
             self._wake.set()
 
     def unsubscribed(self, topic_filter: str) -> None:
         """A local subscription went (its route goes with the last)."""
-        route = route_filter(topic_filter)
+        route = topic_filter
         if self.local.remove(route) and self._running:
             self._ops.append(("del", route))
             self._wake.set()
 
-    def forward(self, message: Message) -> int:
+    def forward(self, message: Message, local_groups: Iterable[str] = ()) -> tuple[int, set[str]]:
         """Queue ``message`` for the other nodes with a matching route (every live node, for a
-        retained one: each keeps it); returns how many nodes. ``$SYS`` stays on its node."""
+        retained one: each keeps it). For each shared subscription group matching it, one node
+        of those with members takes it, in turn: ``local_groups`` are the groups (``$share/g/f``)
+        this node has members of. Returns how many nodes it was queued for, and the local groups
+        whose turn it is here (deliver to those only). ``$SYS`` stays on its node."""
+        kept = set(local_groups)
         if message.topic.startswith("$SYS"):
-            return 0
-        targets: Iterable[str] = self.routes.match(message.topic)
+            return 0, kept
+        normal = set(self.routes.match(message.topic))
+        groups: dict[str, list[str]] = {}
+        remote_groups = self.routes.shared(message.topic)
+        for route in kept | set(remote_groups):
+            members = [*remote_groups.get(route, ()), *((self.name,) if route in kept else ())]
+            chosen = self.routes.pick(route, members)
+            if chosen != self.name:
+                kept.discard(route)
+                groups.setdefault(chosen, []).append(route)
+        targets = normal | set(groups)
         if message.retain:
-            targets = [node for node in self.nodes if node != self.name]
+            targets |= {node for node in self.nodes if node != self.name}
             if self._running:
                 self._retained[message.topic] = message  # the latest wins: one write per topic
-                self._wake.set()
         count = 0
         for node in targets:
             if self._backlog >= MAX_BACKLOG:
                 self.dropped[BACKLOG_FULL] += 1
                 continue
-            self._outbox.setdefault(node, []).append(message)
+            # Its own subscribers get it too where it has a route (or for a retained one: a node
+            # with no route has no subscriber it would reach).
+            entry = wire.Forwarded(message, node in normal or message.retain, tuple(groups.get(node, ())))
+            self._outbox.setdefault(node, []).append(entry)
             self._backlog += 1
             count += 1
-        if count:
+        if count or message.retain:
             self._wake.set()
-        return count
+        return count, kept
 
     def connected(self, view: SessionView) -> None:
         """An engine hook: a local client was admitted (registered cluster-wide)."""
@@ -349,56 +367,73 @@ class ClusterNode(EngineHooks):
             self._wake.set()
 
     async def claim(self, client_id: str, discard: bool) -> StoredSession | None:
-        """If another live node holds the session of ``client_id``, have it close the client's
-        connection there and hand the session over (see :meth:`broker.engine.Engine.hand_over`).
-        Waits up to ``cluster.node_timeout``; on a timeout or with Redis away the client gets a
-        session of this node (logged). Never raises."""
+        """If another node holds the session of ``client_id``, have it close the client's
+        connection there and hand the session over (see :meth:`broker.engine.Engine.hand_over`);
+        if that node is gone, take what it last wrote. A node that does not answer within
+        ``cluster.node_timeout`` is taken for gone; when what a gone node wrote was taken over by
+        another node meanwhile, that node is asked in turn (up to :data:`CLAIM_ATTEMPTS` holders).
+        With Redis away, or after that, the client gets a session of this node (logged). Never
+        raises."""
         if not self._running or not self.redis_up:
             return None
+        gone: set[str] = set()
+        try:
+            for _ in range(CLAIM_ATTEMPTS):
+                owner: Any = await self._require().hget(SESSIONS, client_id)
+                owner = None if owner is None else _text(owner)
+                if owner == self.name:
+                    return None
+                if owner is None or owner not in self.nodes or owner in gone:
+                    stored = await self._take_blob(client_id)
+                    if stored is not None or owner is None:
+                        return stored
+                    # Taken over by another node since: it records itself as the holder.
+                    await asyncio.sleep(self.settings.heartbeat_interval)
+                    continue
+                answered, handed = await self._ask(owner, client_id, discard)
+                if answered:
+                    return handed
+                logger.warning(
+                    "cluster: node %s did not hand over the session of %r within %gs: taken for gone",
+                    owner,
+                    client_id,
+                    self.settings.node_timeout,
+                )
+                gone.add(owner)
+        except (*_AWAY, RedisError) as exc:
+            logger.warning("cluster: the session of %r not claimed (%s): a new one here", client_id, exc)
+            return None
+        logger.warning("cluster: the session of %r could not be found: a new one here", client_id)
+        return None
+
+    async def _ask(self, owner: str, client_id: str, discard: bool) -> tuple[bool, StoredSession | None]:
+        """Ask ``owner`` for the session: (whether it answered in time, what it handed over).
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached.
+        """
         redis = self._require()
         request = uuid.uuid4().hex
+        waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._claims[request] = waiting
         try:
-            owner = await redis.hget(SESSIONS, client_id)
-            owner = None if owner is None else _text(owner)
-            if owner == self.name:
-                return None
-            if owner is None or owner not in self.nodes:  # its node died: what it last wrote
-                return await self._take_blob(client_id)
-            waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-            self._claims[request] = waiting
-            await redis.publish(
-                EVENTS, "\0".join(("claim", self.name, owner, client_id, request, "1" if discard else "0"))
-            )
-            async with asyncio.timeout(self.settings.node_timeout):
-                key = await waiting
-            if key is None:
-                return None
-            data: Any = await redis.getdel(key)
-        except TimeoutError:  # it died without the others knowing yet: what it last wrote
-            logger.warning(
-                "cluster: node %s did not hand over the session of %r within %gs: taking what it wrote",
-                owner,
-                client_id,
-                self.settings.node_timeout,
-            )
+            event = ("claim", self.name, owner, client_id, request, "1" if discard else "0")
+            await redis.publish(EVENTS, "\0".join(event))
             try:
-                return await self._take_blob(client_id)
-            except (*_AWAY, RedisError):
-                return None
-        except (*_AWAY, RedisError) as exc:
-            logger.warning(
-                "cluster: the session of %r could not be claimed (%s): a new one here", client_id, exc
-            )
-            return None
+                async with asyncio.timeout(self.settings.node_timeout):
+                    key = await waiting
+            except TimeoutError:
+                return False, None
         finally:
             self._claims.pop(request, None)
+        data: Any = None if key is None else await redis.getdel(key)
         if data is None:
-            return None
+            return True, None
         try:
-            return wire.decode_session(data)
+            return True, wire.decode_session(data)
         except wire.WireError as exc:
             logger.error("cluster: the session of %r from node %s is unreadable: %s", client_id, owner, exc)
-            return None
+            return True, None
 
     async def _take_blob(self, client_id: str) -> StoredSession | None:
         """The session a dead node last wrote of ``client_id``, taken (no other node gets it).
@@ -638,7 +673,7 @@ class ClusterNode(EngineHooks):
         for topic, raw in stored.items():
             written, _, batch = bytes(raw).partition(b"\n")
             try:
-                messages = wire.decode(batch, now - (wall_now - float(written)))
+                messages = [e.message for e in wire.decode(batch, now - (wall_now - float(written)))]
             except (wire.WireError, ValueError) as exc:
                 logger.warning(
                     "cluster: retained message on %r in %s unreadable (%s): skipped", topic, RETAINED, exc
@@ -932,13 +967,13 @@ class ClusterNode(EngineHooks):
 
     def _on_batch(self, data: bytes) -> None:
         try:
-            messages = wire.decode(data, self._clock())
+            entries = wire.decode(data, self._clock())
         except wire.WireError as exc:
             self.dropped[UNDECODABLE] += 1
             logger.error("cluster: a batch in %s could not be read (%s): dropped", _inbox_key(self.name), exc)
             return
-        self.received += len(messages)
-        self._deliver(messages)
+        self.received += len(entries)
+        self._deliver(entries)
 
     async def _send(self) -> None:
         while True:
@@ -1014,7 +1049,7 @@ class ClusterNode(EngineHooks):
         wall = f"{time.time()}\n".encode()
         for topic, message in retained.items():
             if message.payload:
-                pipe.hset(RETAINED, topic, wall + wire.encode([message], now))
+                pipe.hset(RETAINED, topic, wall + wire.encode([wire.Forwarded(message)], now))
             else:  # an empty retained message clears the topic [MQTT-3.3.1-10]
                 pipe.hdel(RETAINED, topic)
         self._ops, self._outbox, self._retained = [], {}, {}

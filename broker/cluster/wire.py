@@ -1,11 +1,13 @@
 """How messages and sessions travel between nodes (pure): a batch of messages as one binary blob,
 a persistent session (:func:`encode_session`) as JSON.
 
-A batch is a sequence of messages, each::
+A batch is a sequence of forwarded messages, each::
 
-    !HHIIBBd  topic length, publisher length, properties length, payload length,
-              qos, flags (bit 0: retain), expiry (seconds left; -1: none)
-    topic, publisher, properties (JSON of broker.store.base.properties_to_json, or empty), payload
+    !HHIIBBdH  topic length, publisher length, properties length, payload length,
+               qos, flags (bit 0: retain; bit 1: for the node's subscribers), expiry (seconds
+               left; -1: none), shared groups length
+    topic, publisher, properties (JSON of broker.store.base.properties_to_json, or empty), payload,
+    shared groups (the ``$share/g/f`` groups whose turn it is on that node, NUL-separated)
 
 Expiry travels as the time left, not a time: the nodes' clocks are not each other's. The payload
 is copied once into the batch, whatever the number of subscribers on the other node.
@@ -17,6 +19,7 @@ import base64
 import binascii
 import json
 import struct
+from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.core.session import Message
@@ -30,57 +33,65 @@ from broker.store.base import (
     properties_to_json,
 )
 
-_HEAD: Final = struct.Struct("!HHIIBBd")
+_HEAD: Final = struct.Struct("!HHIIBBdH")
+
+#: Flags.
+_RETAIN: Final = 1
+_NORMAL: Final = 2
 
 
 class WireError(ValueError):
     """A batch that is not one this module made (a bug, or another program on the stream)."""
 
 
-def encode(messages: list[Message], now: float) -> bytes:
-    """One batch of ``messages``; ``now`` is the engine's clock (for the expiry left).
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """A message on its way to one node: whether that node delivers it to its (non-shared)
+    subscribers (``normal``), and to which of its shared subscription groups (``groups``: it is
+    their turn there)."""
+
+    message: Message
+    normal: bool = True
+    groups: tuple[str, ...] = ()
+
+
+def encode(entries: list[Forwarded], now: float) -> bytes:
+    """One batch of ``entries``; ``now`` is the engine's clock (for the expiry left).
 
     Raises:
         ValueError: a topic or publisher over 65535 bytes, or a property value of no property type.
     """
     parts: list[bytes] = []
-    for message in messages:
+    for entry in entries:
+        message = entry.message
         topic = message.topic.encode()
         publisher = message.publisher.encode()
         properties = message.properties
         props = json.dumps(properties_to_json(properties)).encode() if properties else b""
         expiry = -1.0 if message.expires_at is None else max(0.0, message.expires_at - now)
-        parts.append(
-            _HEAD.pack(
-                len(topic),
-                len(publisher),
-                len(props),
-                len(message.payload),
-                message.qos,
-                int(message.retain),
-                expiry,
-            )
-        )
-        parts += (topic, publisher, props, message.payload)
+        groups = "\0".join(entry.groups).encode()
+        flags = (_RETAIN if message.retain else 0) | (_NORMAL if entry.normal else 0)
+        lengths = (len(topic), len(publisher), len(props), len(message.payload))
+        parts.append(_HEAD.pack(*lengths, message.qos, flags, expiry, len(groups)))
+        parts += (topic, publisher, props, message.payload, groups)
     return b"".join(parts)
 
 
-def decode(data: bytes, now: float) -> list[Message]:
-    """The messages of a batch, their expiry on this node's clock ``now``.
+def decode(data: bytes, now: float) -> list[Forwarded]:
+    """The entries of a batch, their messages' expiry on this node's clock ``now``.
 
     Raises:
         WireError: it is truncated or damaged.
     """
-    messages: list[Message] = []
+    entries: list[Forwarded] = []
     offset, size = 0, len(data)
     view = memoryview(data)
     try:
         while offset < size:
-            topic_len, publisher_len, props_len, payload_len, qos, flags, expiry = _HEAD.unpack_from(
-                data, offset
-            )
+            head = _HEAD.unpack_from(data, offset)
+            topic_len, publisher_len, props_len, payload_len, qos, flags, expiry, groups_len = head
             offset += _HEAD.size
-            end = offset + topic_len + publisher_len + props_len + payload_len
+            end = offset + topic_len + publisher_len + props_len + payload_len + groups_len
             if end > size or qos > 2:
                 raise WireError(f"message at byte {offset - _HEAD.size}: truncated or qos {qos}")
             topic = bytes(view[offset : offset + topic_len]).decode()
@@ -92,14 +103,19 @@ def decode(data: bytes, now: float) -> list[Message]:
                 properties = properties_from_json(json.loads(bytes(view[offset : offset + props_len])))
             offset += props_len
             payload = bytes(view[offset : offset + payload_len])
+            offset += payload_len
+            groups = bytes(view[offset:end]).decode()
             offset = end
             expires_at = None if expiry < 0 else now + expiry
-            messages.append(Message(topic, payload, qos, bool(flags & 1), publisher, properties, expires_at))
+            message = Message(topic, payload, qos, bool(flags & _RETAIN), publisher, properties, expires_at)
+            entries.append(
+                Forwarded(message, bool(flags & _NORMAL), tuple(groups.split("\0")) if groups else ())
+            )
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         if isinstance(exc, WireError):
             raise
         raise WireError(f"a damaged batch ({exc})") from None
-    return messages
+    return entries
 
 
 def encode_session(session: StoredSession) -> bytes:

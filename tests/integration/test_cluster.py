@@ -120,8 +120,8 @@ def test_routes_follow_subscriptions_and_a_dead_node_is_dropped(
     a, b = two_nodes
     subscriber = clients.new("sub").connect("127.0.0.1", port(a))
     subscriber.subscribe("x/#", 1)
-    subscriber.subscribe("$share/g/x/#", 1)  # routes on x/# too: still one route
-    wait_until(lambda: routes_of(b, "node-a") == 1, what="node-b to learn node-a's route")
+    subscriber.subscribe("$share/g/x/#", 1)  # a route of its own: the group
+    wait_until(lambda: routes_of(b, "node-a") == 2, what="node-b to learn node-a's routes")
     subscriber.client.unsubscribe("x/#")
     subscriber.client.unsubscribe("$share/g/x/#")
     wait_until(lambda: routes_of(b, "node-a") == 0, what="the route to go with the last subscription")
@@ -382,3 +382,37 @@ def test_a_user_added_on_one_node_logs_in_on_every_node(
     refused = clients.new("ann-again")
     refused.client.username_pw_set("ann", "s3cret-enough")
     refused.connect("127.0.0.1", port(a), expect_rc=4)
+
+
+def test_a_shared_subscription_group_gets_each_message_once_in_the_cluster(
+    two_nodes: tuple[BrokerProcess, BrokerProcess], clients: Clients
+) -> None:
+    a, b = two_nodes
+    v5_a, v5_b = V5Clients(Route(a, port(a))), V5Clients(Route(b, port(b)))
+    try:
+        members = []
+        for v5, name in ((v5_a, "worker-a"), (v5_b, "worker-b")):
+            member = v5.connect(name)
+            assert v5.connack(member)[0] == 0
+            assert member.subscribe("$share/workers/jobs/#", 1) == [1]
+            members.append(member)
+        wait_until(
+            lambda: routes_of(a, "node-b") == 1 and routes_of(b, "node-a") == 1, what="both groups' routes"
+        )
+        publisher = clients.new("dispatcher").connect("127.0.0.1", port(a))
+        for n in range(10):
+            publisher.publish(f"jobs/{n}", str(n).encode(), qos=1)
+        got: list[bytes] = []
+        counts = []
+        for member in members:
+            while True:
+                try:
+                    got.append(member.expect(timeout=1.0).payload)
+                except Exception:  # queue.Empty: this member has all it gets
+                    break
+            counts.append(len(got))
+        assert sorted(got, key=int) == [str(n).encode() for n in range(10)]  # each once, none lost
+        assert counts[0] == 5 and counts[1] == 10  # in turn: five on each node
+    finally:
+        v5_a.close_all()
+        v5_b.close_all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.cluster import wire
-from broker.cluster.routes import LocalFilters, RouteTable, route_filter
+from broker.cluster.routes import LocalFilters, RouteTable, shared_filter
 from broker.core.session import Message
 
 
@@ -27,16 +27,34 @@ def test_routes_match_each_node_once_and_follow_changes() -> None:
     table.remove("nobody", "x")  # never raises
 
 
-def test_local_filters_count_subscriptions_and_shares_route_on_their_filter() -> None:
+def test_local_filters_count_subscriptions() -> None:
     local = LocalFilters()
-    assert route_filter("$share/g/x/#") == "x/#"
-    assert route_filter("$share/bad") == "$share/bad"
     assert local.add("x/#") is True
-    assert local.add(route_filter("$share/g/x/#")) is False  # the route exists already
+    assert local.add("x/#") is False  # the route exists already
     assert local.remove("x/#") is False
     assert local.remove("x/#") is True  # the last one: the route goes
     assert local.remove("x/#") is False
     assert list(local) == []
+
+
+def test_shared_groups_take_turns_across_the_nodes_with_members() -> None:
+    assert (shared_filter("$share/g/x/#"), shared_filter("$share/bad"), shared_filter("$share/+/x")) == (
+        "x/#",
+        None,
+        None,
+    )
+    table = RouteTable()
+    table.add("b", "$share/g/jobs/#")
+    table.add("c", "$share/g/jobs/#")
+    table.add("c", "$share/h/jobs/+")
+    assert table.match("jobs/1") == ()  # shared routes are not plain ones
+    assert table.shared("jobs/1") == {"$share/g/jobs/#": ("b", "c"), "$share/h/jobs/+": ("c",)}
+    turns = [table.pick("$share/g/jobs/#", ["a", "b", "c"]) for _ in range(6)]
+    assert turns == ["a", "b", "c", "a", "b", "c"]
+    table.drop("c")
+    assert table.shared("jobs/1") == {"$share/g/jobs/#": ("b",)}
+    with pytest.raises(ValueError, match="no node has members"):
+        table.pick("$share/x/y", [])
 
 
 def test_a_batch_round_trips_with_properties_and_expiry_left() -> None:
@@ -52,7 +70,13 @@ def test_a_batch_round_trips_with_properties_and_expiry_left() -> None:
         ),
         Message("ü/c", b"", 0, False),
     ]
-    back = wire.decode(wire.encode(messages, now=100.0), now=5.0)
+    entries = [
+        wire.Forwarded(messages[0], True, ("$share/g/a/#", "$share/h/+/b")),
+        wire.Forwarded(messages[1], False),
+    ]
+    decoded = wire.decode(wire.encode(entries, now=100.0), now=5.0)
+    assert [(e.normal, e.groups) for e in decoded] == [(True, ("$share/g/a/#", "$share/h/+/b")), (False, ())]
+    back = [e.message for e in decoded]
     assert [(m.topic, m.payload, m.qos, m.retain, m.publisher) for m in back] == [
         ("a/b", b"\x00\xff", 2, True, "pub"),
         ("ü/c", b"", 0, False, ""),
@@ -64,7 +88,9 @@ def test_a_batch_round_trips_with_properties_and_expiry_left() -> None:
 
 @pytest.mark.parametrize("damage", [lambda b: b[:-1], lambda b: b[:5], lambda b: b[:20] + b"\xff" * 3])
 def test_a_damaged_batch_is_refused(damage: object) -> None:
-    data = wire.encode([Message("a", b"payload", 1, False, "p", {"content_type": "t"})], now=0.0)
+    data = wire.encode(
+        [wire.Forwarded(Message("a", b"payload", 1, False, "p", {"content_type": "t"}))], now=0.0
+    )
     with pytest.raises(wire.WireError):
         wire.decode(damage(data), now=0.0)  # type: ignore[operator]
 
