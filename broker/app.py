@@ -271,7 +271,7 @@ class BrokerApp:
                 hand_over=self.engine.hand_over,
                 mirror=self.mirror,
                 snapshot=self.engine.snapshot,
-                adopt=self.engine.restore_sessions,
+                adopt=functools.partial(self.engine.restore_sessions, foreign=True),
                 forget=self.engine.forget_session,
                 users=self.users,
                 on_user=self.operations.apply_shared_user,
@@ -364,6 +364,8 @@ class BrokerApp:
         try:  # before any listener: the first subscriber sees what was retained before the stop
             restored = self.engine.restore_retained(await self.store.load_retained())
             sessions = self.engine.restore_sessions(await self.store.load_sessions())
+            if self.mirror is not None:  # written to Redis at the first heartbeat, changed or not
+                self.mirror.changed.update(self.engine.session_ids())
         except StoreError as exc:
             await self.stop()
             raise StartupError(f"persistence.file: {exc}") from None

@@ -649,18 +649,23 @@ class Engine:
     ) -> None:
         assert self.cluster is not None
         client_id = admission.client_id
-        stored = await self.cluster.claim(client_id, admission.connect.clean_start)
+        # Shielded: the client may go (or time out) while the other node hands the session over;
+        # the claim finishes anyway and the session stays here, offline (else it is nowhere).
+        claiming = self.loop.create_task(self.cluster.claim(client_id, admission.connect.clean_start))
+        try:
+            stored = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            claiming.add_done_callback(self._keep_claimed)
+            raise
         channel.pending = None
         if channel.closed:
-            if stored is not None:  # the client went meanwhile: its session stays here, offline
-                self.restore_sessions([stored])
+            self._keep_claimed(claiming)
             return
         try:
             if stored is not None:
-                existing = self._sessions.get(client_id)
-                if existing is not None:  # a stale local one loses to the one that was in use
-                    self._discard(existing)
-                self.restore_sessions([stored])
+                if client_id in self._sessions:  # a stale local one loses to the one that was in use
+                    self.forget_session(client_id)
+                self.restore_sessions([stored], foreign=True)
                 logger.info("client %r: its session came over from another node", client_id)
             self._attach(channel, admission, decision, rules, extra)
             channel.release()
@@ -668,11 +673,20 @@ class Engine:
             logger.exception("%s: admission failed unexpectedly; closing", channel.describe())
             channel.close("internal_error")
 
+    def _keep_claimed(self, claiming: asyncio.Task[StoredSession | None]) -> None:
+        """A claimed session whose client went before it came: kept here, offline."""
+        if claiming.cancelled() or claiming.exception() is not None:
+            return
+        stored = claiming.result()
+        if stored is not None:
+            self.restore_sessions([stored], foreign=True)
+
     def hand_over(self, client_id: str, discard: bool) -> StoredSession | None:
         """Another node admitted ``client_id``: close its connection here (DISCONNECT 0x8E, its will
         as for any takeover) and give its session away whole (None: it has none here, it is not
-        persistent, or ``discard``: the client asked for a clean start, and it is ended here).
-        Never raises."""
+        persistent, or ``discard``: the client asked for a clean start, and it is ended here). It
+        stays here until the caller, once the session is safe elsewhere, lets go of it
+        (:meth:`forget_session`). Never raises."""
         session = self._sessions.get(client_id)
         if session is None:
             return None
@@ -684,9 +698,7 @@ class Engine:
         if discard:
             self._discard(session)
             return None
-        stored = self.snapshot(client_id)
-        self.forget_session(client_id)
-        return stored
+        return self.snapshot(client_id)  # forgotten (forget_session) once it is safe elsewhere
 
     def snapshot(self, client_id: str) -> StoredSession | None:
         """The whole of a session as a store keeps it (its state, subscriptions, queued and
@@ -1463,7 +1475,7 @@ class Engine:
             )
         return restored
 
-    def restore_sessions(self, stored_sessions: Iterable[StoredSession]) -> int:
+    def restore_sessions(self, stored_sessions: Iterable[StoredSession], *, foreign: bool = False) -> int:
         """Bring back the persistent sessions the store kept, at start (after the retained messages,
         before any listener): each offline until its client reconnects, its expiry counting from
         when its client went (from now for one connected when the broker stopped), its rules
@@ -1472,6 +1484,10 @@ class Engine:
         store. A will that fell due meanwhile is published now (after every session is back, so
         that they get it); one still delayed waits out its delay. Returns how many came back.
 
+        ``foreign``: sessions another node of the cluster held (handed over, or taken over from a
+        dead node): written whole to this node's store (numbered afresh), and one whose client id
+        has a session here already is left where it is.
+
         Raises:
             RuntimeError: the engine is not started.
         """
@@ -1479,10 +1495,15 @@ class Engine:
         due: list[Message] = []
         restored = 0
         for stored in stored_sessions:
+            if foreign and stored.client_id in self._sessions:
+                logger.warning(
+                    "the session of %r from another node: one is here already, kept", stored.client_id
+                )
+                continue
             will, at = self._restored_will(stored, loop_now, wall_now)
             left = stored.ends_at(wall_now) - wall_now
             if left <= 0 or stored.client_id in self._sessions:
-                if self._store is not None:
+                if self._store is not None and not foreign:
                     self._store.delete_session(stored.client_id)
                 logger.info("stored session of client %r expired while the broker was down", stored.client_id)
                 if will is not None:
@@ -1495,9 +1516,14 @@ class Engine:
             elif will is not None:
                 session.pending_will = will
                 session.will_timer = self.loop.call_at(at, self._publish_will, session)
-            session.store = self._store
-            if self._store is not None and (stored.disconnected_at is None or will is not None):
-                self._store.put_session(session)  # now offline since this start, its will moved
+            if foreign:  # all of it, numbered by this node's store (_set_expiry does so)
+                for delivery in session.pending():
+                    delivery.seq = 0
+                self._set_expiry(session, session.expiry_interval)
+            else:
+                session.store = self._store
+                if self._store is not None and (stored.disconnected_at is None or will is not None):
+                    self._store.put_session(session)  # now offline since this start, its will moved
             restored += 1
         for will in due:
             self.publish(will)

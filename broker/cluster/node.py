@@ -51,6 +51,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -260,6 +261,7 @@ class ClusterNode(EngineHooks):
         self._running = False
         #: A resync is due (after Redis came back).
         self._rejoin = False
+        self._joining = asyncio.Lock()
 
     # ------------------------------------------------------------------ the engine's side
 
@@ -476,7 +478,7 @@ class ClusterNode(EngineHooks):
             pipe.eval(_FORGET_BLOB, 1, _blob_key(client_id), self.name)
         try:
             await pipe.execute()
-        except _AWAY:
+        except (*_AWAY, RedisError):
             self._mirror.give_back(changed, ended)
             raise
         self.sessions_written += len(changed)
@@ -504,7 +506,10 @@ class ClusterNode(EngineHooks):
         key = ""
         if stored is not None:
             key = f"{PREFIX}handover:{request}"
+            # In Redis first, then let go: if the write fails, the session stays here.
             await redis.set(key, wire.encode_session(stored), px=HANDOVER_TTL_MS)
+            if self._forget is not None:
+                self._forget(client_id)
             logger.info("cluster: the session of %r handed over to node %s", client_id, claimer)
         await redis.publish(EVENTS, "\0".join(("handed", self.name, claimer, request, key)))
 
@@ -576,6 +581,7 @@ class ClusterNode(EngineHooks):
             try:
                 async with asyncio.timeout(2.0):
                     await self._write_pending(redis)
+                    await self._write_sessions(redis)  # as the stop left them: offline, no will
                     pipe = redis.pipeline(transaction=False)
                     pipe.delete(_node_key(self.name), _routes_key(self.name))
                     pipe.zrem(NODES, self.name)
@@ -599,34 +605,46 @@ class ClusterNode(EngineHooks):
             {
                 "instance": self._instance,
                 "pid": os.getpid(),
+                "host": socket.gethostname(),
                 "started": self._started,
                 "version": self._version,
             }
         )
 
     async def _claim_name(self) -> None:
-        redis = self._require()
-        existing = await redis.get(_node_key(self.name))
+        """Refuse a name a live node has (its record, renewed at each heartbeat, lasts
+        ``node_timeout``), unless that node was a process of this host that is gone (a restart
+        after a crash need not wait for the record to lapse).
+
+        Raises:
+            ClusterError: a live node has this name.
+            RedisError: Redis refused a command.
+        """
+        existing = await self._require().get(_node_key(self.name))
         if existing is None:
             return
-        seen = await redis.zscore(NODES, self.name)
-        age = time.time() - (seen or 0) / 1000
-        if age < 2 * self.settings.heartbeat_interval:
-            try:
-                other = json.loads(existing)
-            except ValueError:
-                other = {}
-            raise ClusterError(
-                f"node.name: {self.name!r} is the name of a live node of the cluster (pid "
-                f"{other.get('pid')}, heartbeat {age:.1f}s ago): give each node its own node.name"
+        try:
+            other = json.loads(existing)
+        except ValueError:
+            other = {}
+        pid = other.get("pid") if isinstance(other, dict) else None
+        if isinstance(pid, int) and other.get("host") == socket.gethostname() and not _alive(pid):
+            logger.warning(
+                "cluster: taking over the name %r of a process of this host that is gone", self.name
             )
-        logger.warning(
-            "cluster: taking over the name %r of a node last heard %.1fs ago (restarted?)", self.name, age
+            return
+        raise ClusterError(
+            f"node.name: {self.name!r} is the name of a live node of the cluster (pid {pid} on "
+            f"{other.get('host')}): give each node its own node.name, or wait cluster.node_timeout "
+            "after stopping that one"
         )
 
     async def _join(self) -> None:
-        """Register, publish this node's routes, read the others'."""
+        """Register, publish this node's routes, clients and sessions (their state now: what was
+        queued of them before is superseded), write the bans, users and retained messages changed
+        here while apart (before the merges, so that they are not undone), then read the others'."""
         redis = self._require()
+        queued, self._ops = self._ops, []  # what comes during the join stays queued after it
         now_ms = int(time.time() * 1000)
         pipe = redis.pipeline(transaction=True)
         pipe.set(_node_key(self.name), self._record(), px=int(self.settings.node_timeout * 1000))
@@ -656,7 +674,8 @@ class ClusterNode(EngineHooks):
                 pipe.hset(CLIENTS, view.client_id, f"{self.name}\n{record}")
                 pipe.sadd(_clients_key(self.name), view.client_id)
             await pipe.execute()
-        self._ops = [op for op in self._ops if op[0] in ("kick", "ban")]  # the rest is written now
+        self._ops = [op for op in queued if op[0] in ("kick", "ban", "user")] + self._ops
+        await self._write_pending(redis)
         await self._merge_bans()
         await self._merge_users()
         await self._load_retained()
@@ -813,11 +832,13 @@ class ClusterNode(EngineHooks):
             self._rejoin = True
 
     async def _recover(self) -> None:
-        """After a failure: wait, then rejoin if Redis answers (raises again if not)."""
+        """After a failure: wait, then rejoin if Redis answers (raises again if not). One task
+        rejoins; the others wait for it."""
         await asyncio.sleep(RETRY_DELAY)
-        if self._rejoin:
-            await self._join()
-            self._rejoin = False
+        async with self._joining:
+            if self._rejoin:
+                await self._join()
+                self._rejoin = False
         self._set_up(True)
 
     # ------------------------------------------------------------------ tasks
@@ -829,11 +850,14 @@ class ClusterNode(EngineHooks):
                 await asyncio.sleep(interval)
                 if self._rejoin:
                     await self._recover()
-                await self._beat()
-            except _AWAY as exc:
-                self._set_up(False, exc)
+                async with asyncio.timeout(self.settings.node_timeout):  # a half-open connection
+                    await self._beat()
+            except (*_AWAY, TimeoutError) as exc:
+                self._set_up(False, exc or "no answer within cluster.node_timeout")
             except RedisError as exc:
                 logger.error("cluster: Redis refused the heartbeat: %s", exc)
+            except Exception:  # a bug: logged, and the heartbeat goes on (else the node "dies")
+                logger.exception("cluster: the heartbeat failed")
 
     async def _beat(self) -> None:
         redis = self._require()
@@ -844,29 +868,45 @@ class ClusterNode(EngineHooks):
         pipe.zadd(NODES, {self.name: now_ms})
         pipe.zrangebyscore(NODES, since, "+inf", withscores=True)
         pipe.zrangebyscore(NODES, "-inf", f"({since}")
-        _, _, alive, gone = await pipe.execute()
+        _, added, alive, gone = await pipe.execute()
+        if added and not self._rejoin:
+            # We were taken for gone (this node stalled longer than node_timeout): the others
+            # dropped our routes and took our sessions. Join again: settles who holds what.
+            logger.warning("cluster: the other nodes took this node for gone: rejoining")
+            self._rejoin = True
         before = set(self.nodes)
         self.nodes = {_text(name): int(score) for name, score in alive}
-        for raw in gone:
-            node = _text(raw)
-            if node == self.name:
-                continue
-            logger.warning(
-                "cluster: node %s is gone (no heartbeat for %gs)", node, self.settings.node_timeout
-            )
+        for node in before - set(self.nodes) - {self.name}:  # gone, whoever saw it first
             self.routes.drop(node)
             self._outbox.pop(node, None)
-            cleanup = redis.pipeline(transaction=False)
-            cleanup.zrem(NODES, node)
-            cleanup.delete(_routes_key(node))
-            await cleanup.execute()
-            await self._forget_clients(node)
-            await self._adopt_sessions(node)
-            await self._forget_sessions(node)
+        for raw in gone:
+            node = _text(raw)
+            if node != self.name:
+                await self._reap(node)
         await self._write_sessions(redis)
         for node in set(self.nodes) - before - {self.name}:  # joined while we did not listen
             self.routes.replace(node, _texts(await redis.smembers(_routes_key(node))))
         self._backlog = sum(len(queued) for queued in self._outbox.values())
+
+    async def _reap(self, node: str) -> None:
+        """A node stopped heartbeating: one node (the first to take the lock) clears what it left
+        and takes its sessions over; its name leaves ``nodes`` last, so that a failure half way
+        leaves it for the next heartbeat (of any node) to finish."""
+        redis = self._require()
+        reaping = f"{PREFIX}reaping:{node}"
+        if not await redis.set(reaping, self.name, nx=True, px=int(self.settings.node_timeout * 5000)):
+            return  # another node is on it
+        timeout = self.settings.node_timeout
+        logger.warning("cluster: node %s is gone (no heartbeat for %gs)", node, timeout)
+        self.routes.drop(node)
+        self._outbox.pop(node, None)
+        await self._forget_clients(node)
+        await self._adopt_sessions(node)
+        await self._forget_sessions(node)
+        cleanup = redis.pipeline(transaction=False)
+        cleanup.delete(_routes_key(node), _inbox_key(node), _node_key(node))
+        cleanup.zrem(NODES, node)
+        await cleanup.execute()
 
     async def _listen(self) -> None:
         while True:
@@ -876,8 +916,10 @@ class ClusterNode(EngineHooks):
                     await pubsub.subscribe(EVENTS)
                     if self._rejoin:
                         await self._recover()
-                    else:
-                        await self._read_nodes()  # what changed before the subscription
+                    else:  # what changed before the subscription (events are not replayed)
+                        await self._read_nodes()
+                        await self._merge_bans()
+                        await self._merge_users()
                     async for event in pubsub.listen():
                         await self._on_event(event)
             except _AWAY as exc:
@@ -885,6 +927,9 @@ class ClusterNode(EngineHooks):
                 await asyncio.sleep(RETRY_DELAY)
             except RedisError as exc:
                 logger.error("cluster: Redis refused a command of the event listener: %s", exc)
+                await asyncio.sleep(RETRY_DELAY)
+            except Exception:  # a bug: logged, and the listener goes on
+                logger.exception("cluster: an event could not be handled")
                 await asyncio.sleep(RETRY_DELAY)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
@@ -964,6 +1009,8 @@ class ClusterNode(EngineHooks):
             except RedisError as exc:
                 logger.error("cluster: Redis refused to read %s: %s", key, exc)
                 await asyncio.sleep(RETRY_DELAY)
+            except Exception:  # a bug (delivering a batch): logged, the batch skipped, reading goes on
+                logger.exception("cluster: a batch from %s could not be delivered", key)
 
     def _on_batch(self, data: bytes) -> None:
         try:
@@ -990,6 +1037,8 @@ class ClusterNode(EngineHooks):
                 self._wake.set()  # what is held goes when Redis is back
             except RedisError as exc:  # dropped (counted) by _write_pending: retrying would fail again
                 logger.error("cluster: Redis refused a write: %s", exc)
+            except Exception:  # a bug (a message that cannot be encoded): logged, what was taken dropped
+                logger.exception("cluster: a write could not be prepared")
 
     def _queue_op(self, pipe: Any, kind: str, args: list[str]) -> list[str] | None:
         """Queue one of :attr:`_ops` on ``pipe``; returns the fields of the event it announces
@@ -1009,8 +1058,9 @@ class ClusterNode(EngineHooks):
             pipe.hset(SESSIONS, args[0], self.name)
             pipe.sadd(_sessions_key(self.name), args[0])
             return None
-        elif kind == "session-":
+        elif kind == "session-":  # its blob too, at once: a claim elsewhere must not revive it
             pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(self.name), args[0], self.name)
+            pipe.eval(_FORGET_BLOB, 1, _blob_key(args[0]), self.name)
             return None
         elif kind == "user":
             if args[0] == "put":
@@ -1125,3 +1175,14 @@ def _user_record(raw: bytes | str | None) -> User | None:
     except (ValueError, TypeError, KeyError, UserError) as exc:  # binascii.Error is a ValueError
         logger.warning("cluster: an unreadable user in %s (%s): skipped", USERS, exc)
         return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        return True
+    return True

@@ -363,8 +363,8 @@ class SqliteStore:
 
     async def load_sessions(self) -> list[StoredSession]:
         """Every session in the file, with its subscriptions and deliveries (by ``seq``), by client
-        id. A row that cannot be read is logged and skipped (a session whose own row cannot be read
-        is deleted whole).
+        id. A session with a row that cannot be read (a hand-edited file) is logged, skipped and
+        deleted whole: half a session would deliver the wrong things.
 
         Raises:
             StoreError: the file cannot be read (corrupt).

@@ -176,8 +176,14 @@ def roaming(nodes: dict[str, BrokerProcess], port: int, clients: Clients, redis:
     """A persistent client reconnecting through NGINX lands on another node (round robin) and
     resumes its session there; the node holding it killed, it resumes on another again."""
     roamer = clients.new("roamer", clean_session=False).connect("127.0.0.1", port, bind_address="127.0.0.91")
-    assert roamer.subscribe("roam/#", 1) == [1]
     first, _ = where(nodes, "roamer")
+    others = [broker for name, broker in nodes.items() if name != first]
+    before = [cluster_nodes(broker)[first] for broker in others]
+    assert roamer.subscribe("roam/#", 1) == [1]
+    wait_until(  # every other node knows the new route before anything is published
+        lambda: [cluster_nodes(broker)[first] for broker in others] == [count + 1 for count in before],
+        what="the other nodes to learn the roamer's route",
+    )
     roamer.close()
     sender = clients.new("sender").connect("127.0.0.1", port, bind_address="127.0.0.92")
     sender.publish("roam/1", b"while away", qos=1)
