@@ -2,7 +2,7 @@
 
 Keys (all under ``realip:``):
 
-- ``node:{name}``: this node's record (JSON: instance, pid, started, version), with an expiry of
+- ``node:{name}``: this node's record (JSON: instance, pid, host, started, version), with an expiry of
   ``cluster.node_timeout`` renewed every ``cluster.heartbeat_interval``;
 - ``nodes``: a sorted set, node name -> last heartbeat (ms since the epoch): who is in the cluster;
 - ``routes:{name}``: a set, the route filters of the node's local subscriptions;
@@ -37,10 +37,11 @@ order they happened, then one ``XADD`` per target node), so that a burst of publ
 Redis commands and the order from one publisher to one node is kept. The engine calls
 :meth:`ClusterNode.forward` inline for each PUBLISH: a cached route lookup and a list append.
 
-When Redis goes away, each task logs once (WARNING), the node keeps serving its local clients
+When Redis goes away, the node logs it once (WARNING), keeps serving its local clients
 (what it would forward is held, up to :data:`MAX_BACKLOG` messages, then dropped and counted), and
 ``/metrics`` and ``ctl cluster status`` say so; when it is back the node registers again, writes its
-routes again and reads everyone's.
+routes, clients and sessions again and reads everyone's. A node that finds itself taken for gone by
+the others (it stalled longer than ``node_timeout``) joins again the same way.
 """
 
 from __future__ import annotations
