@@ -276,6 +276,7 @@ class BrokerApp:
                 users=self.users,
                 on_user=self.operations.apply_shared_user,
                 keep_retained=self.engine.keep_retained,
+                forget_retained=self.engine.forget_retained,
             )
             self.engine.cluster = self.cluster
             if isinstance(hooks, Hooks):  # the registry of connected clients, cluster-wide

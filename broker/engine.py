@@ -196,6 +196,9 @@ class ClusterLink(Protocol):
         it here (each group gets it once in the cluster)."""
         return 0, set(local_groups)
 
+    def retained_deleted(self, topic: str) -> None:
+        """An operator deleted the retained message of ``topic`` here: on every node too."""
+
     def session_started(self, client_id: str) -> None:
         """This node now holds the session of ``client_id``."""
 
@@ -1846,8 +1849,15 @@ class Engine:
         return self._retained.get(topic)
 
     def retained_delete(self, topic: str) -> bool:
-        """Drop the retained message of ``topic``; False if there was none. Never raises."""
+        """Drop the retained message of ``topic`` (on every node of a cluster); False if this node
+        had none. Never raises."""
+        if self.cluster is not None:
+            self.cluster.retained_deleted(topic)
         return self._forget_retained(topic)
+
+    def forget_retained(self, topic: str) -> None:
+        """Another node of the cluster dropped the retained message of ``topic``: here too."""
+        self._forget_retained(topic)
 
     async def kick(self, client_id: str, reason: str = "kicked") -> bool:
         """Disconnect a connected client and discard its session; False if it is not connected."""

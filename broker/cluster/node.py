@@ -28,8 +28,8 @@ Keys (all under ``realip:``):
 - ``bans``: a hash, ``{kind}\0{value}`` -> the ban (JSON): the bans of the cluster, each made on
   one node (by an operator, or for failed authentications) and applied on every node;
 - ``events``: a pub/sub channel: ``add`` / ``del`` of one route, ``hello`` of a node (re)joining,
-  ``kick`` of a client by an operator on another node, ``ban`` added or deleted, ``bye`` of a node
-  leaving.
+  ``kick`` of a client by an operator on another node, ``ban`` added or deleted, ``unretain`` of a
+  retained message an operator deleted, ``bye`` of a node leaving.
 
 Four tasks per node, none per message: the heartbeat, the event listener, the inbox reader, and the
 sender, which writes everything queued since its last write in one pipeline (route changes in the
@@ -208,6 +208,7 @@ class ClusterNode(EngineHooks):
         users: UserStore | None = None,
         on_user: Callable[[str, User, str], None] | None = None,
         keep_retained: Callable[[list[Message]], None] | None = None,
+        forget_retained: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -237,6 +238,7 @@ class ClusterNode(EngineHooks):
         self._users = users
         self._on_user = on_user
         self._keep_retained = keep_retained
+        self._forget_retained = forget_retained
         #: topic -> its latest retained message published here, to write to ``retained``
         self._retained: dict[str, Message] = {}
         if users is not None:
@@ -356,6 +358,14 @@ class ClusterNode(EngineHooks):
             raise ClusterError(f"cluster: Redis at {self.settings.redis.url} unreachable: {exc}") from None
         records = [_client_record(raw) for raw in entries.values()]
         return sorted((r for r in records if r is not None), key=lambda record: str(record["clientid"]))
+
+    def retained_deleted(self, topic: str) -> None:
+        """An operator deleted ``topic``'s retained message here (``ctl retained delete``): out of
+        Redis, and off every node."""
+        if self._running:
+            self._retained.pop(topic, None)
+            self._ops.append(("unretain", topic))
+            self._wake.set()
 
     def session_started(self, client_id: str) -> None:
         """This node holds the session of ``client_id`` now (so a CONNECT elsewhere claims it)."""
@@ -675,7 +685,7 @@ class ClusterNode(EngineHooks):
                 pipe.hset(CLIENTS, view.client_id, f"{self.name}\n{record}")
                 pipe.sadd(_clients_key(self.name), view.client_id)
             await pipe.execute()
-        self._ops = [op for op in queued if op[0] in ("kick", "ban", "user")] + self._ops
+        self._ops = [op for op in queued if op[0] in ("kick", "ban", "user", "unretain")] + self._ops
         await self._write_pending(redis)
         await self._merge_bans()
         await self._merge_users()
@@ -965,6 +975,8 @@ class ClusterNode(EngineHooks):
             waiting = self._claims.get(args[1])
             if waiting is not None and not waiting.done():
                 waiting.set_result(args[2] or None)
+        elif kind == "unretain" and len(args) == 1 and self._forget_retained is not None:
+            self._forget_retained(args[0])
         elif kind == "kick" and len(args) == 2 and args[0] == self.name and self._kick is not None:
             kicked = await self._kick(args[1])
             logger.info("cluster: client %r kicked from node %s: %s", args[1], node, kicked)
@@ -1063,6 +1075,8 @@ class ClusterNode(EngineHooks):
             pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(self.name), args[0], self.name)
             pipe.eval(_FORGET_BLOB, 1, _blob_key(args[0]), self.name)
             return None
+        elif kind == "unretain":
+            pipe.hdel(RETAINED, args[0])
         elif kind == "user":
             if args[0] == "put":
                 pipe.hset(USERS, args[1], args[2])

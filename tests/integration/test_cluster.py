@@ -161,8 +161,18 @@ def test_retained_messages_reach_every_node(
     newcomer.subscribe("state/#", 1)
     message = newcomer.expect()
     assert (message.topic, message.payload, message.retain) == ("state/lamp", b"on", True)
-    # Cleared on one node: cleared for the next one that joins too.
-    clients.new("clearer").connect("127.0.0.1", port(b)).publish("state/lamp", b"", qos=1, retain=True)
+    # Deleted by an operator on one node: gone from every node, and from Redis.
+    assert ctl(b, "retained", "delete", "state/lamp").returncode == 0
+    for broker in (a, c):
+        wait_until(
+            lambda broker=broker: ctl(broker, "retained", "show", "state/lamp").returncode != 0,
+            what="the retained message deleted everywhere",
+        )
+    assert redis_server.command("HLEN", "realip:retained") == b":0\r\n"
+    # Cleared by a client on one node: cleared for the next one that joins too.
+    clients.new("pub2").connect("127.0.0.1", port(a)).publish("state/door", b"open", qos=1, retain=True)
+    wait_until(lambda: redis_server.command("HLEN", "realip:retained") == b":1\r\n", what="the topic kept")
+    clients.new("clearer").connect("127.0.0.1", port(b)).publish("state/door", b"", qos=1, retain=True)
     wait_until(lambda: redis_server.command("HLEN", "realip:retained") == b":0\r\n", what="the topic cleared")
 
 
