@@ -166,6 +166,14 @@ def make_store(settings: Settings) -> Store:
     return SqliteStore(settings.store_file, flush_interval=settings.persistence.flush_interval)
 
 
+def engine_store(own: Store | None, mirror: SessionMirror | None) -> Store | None:
+    """What the engine tells every change: the node's own store (None: persistence off), and in
+    a cluster the session mirror beside it."""
+    if mirror is None:
+        return own
+    return mirror if own is None else FanOut(own, mirror)
+
+
 #: Seconds between sweeps for expired bans (expired bans never match in between).
 BAN_PURGE_INTERVAL = 60.0
 
@@ -229,6 +237,8 @@ class BrokerApp:
             Hooks(self.audit) if sys_settings.enable or settings.cluster.enable else self.audit
         )
         self.store = make_store(settings)
+        #: In a cluster: which persistent sessions changed, for the node to write to Redis.
+        self.mirror = SessionMirror() if settings.cluster.enable else None
         self.engine = Engine(
             settings.mqtt,
             listeners=settings.listeners,
@@ -237,7 +247,7 @@ class BrokerApp:
             authorizer=make_authorizer(settings, self.sources),
             auth=self.auth,
             sources=self.sources,
-            store=self._engine_store(settings),
+            store=engine_store(self.store if settings.persistence.enable else None, self.mirror),
         )
         node_name = settings.node.name or f"realip@{socket.gethostname()}"
         self.sys_topics: SysTopics | None = None
@@ -313,15 +323,6 @@ class BrokerApp:
         self._purger: asyncio.Task[None] | None = None
         #: Whether self.auth and self.sources are started (and must be closed).
         self._auth_started = False
-
-    def _engine_store(self, settings: Settings) -> Store | None:
-        """What the engine tells every change: the node's store (with persistence on), and in a
-        cluster the session mirror beside it (``self.mirror``)."""
-        own = self.store if settings.persistence.enable else None
-        self.mirror = SessionMirror() if settings.cluster.enable else None
-        if self.mirror is None:
-            return own
-        return self.mirror if own is None else FanOut(own, self.mirror)
 
     async def start(self) -> None:
         """Open the store, start the engine with the retained messages it kept, every listener,

@@ -787,25 +787,23 @@ class ClusterNode(EngineHooks):
 
     async def _forget_sessions(self, node: str) -> None:
         """Clear what ``node`` held of the sessions index (it died, or this is its new run)."""
-        redis = self._require()
-        ids: Any = await redis.smembers(_sessions_key(node))
-        if ids:
-            pipe = redis.pipeline(transaction=False)
-            for client_id in ids:
-                pipe.eval(_FORGET_SESSION, 2, SESSIONS, _sessions_key(node), client_id, node)
-            await pipe.execute()
-        await redis.delete(_sessions_key(node))
+        await self._forget_entries(node, _FORGET_SESSION, SESSIONS, _sessions_key(node))
 
     async def _forget_clients(self, node: str) -> None:
         """Clear ``node``'s clients from the registry (it died, or this is its new run)."""
+        await self._forget_entries(node, _FORGET_CLIENT, CLIENTS, _clients_key(node))
+
+    async def _forget_entries(self, node: str, script: str, registry: str, index: str) -> None:
+        """Run ``script`` (compare-and-delete) for each client id of ``node``'s ``index`` in
+        ``registry`` (entries another node wrote since stay), then drop the index."""
         redis = self._require()
-        ids: Any = await redis.smembers(_clients_key(node))
+        ids: Any = await redis.smembers(index)
         if ids:
             pipe = redis.pipeline(transaction=False)
             for client_id in ids:
-                pipe.eval(_FORGET_CLIENT, 2, CLIENTS, _clients_key(node), client_id, node)
+                pipe.eval(script, 2, registry, index, client_id, node)
             await pipe.execute()
-        await redis.delete(_clients_key(node))
+        await redis.delete(index)
 
     async def _read_nodes(self) -> None:
         """Who is alive, and every live node's routes (a full read)."""
