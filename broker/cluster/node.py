@@ -265,22 +265,29 @@ class ClusterNode(EngineHooks):
         #: A resync is due (after Redis came back).
         self._rejoin = False
         self._joining = asyncio.Lock()
+        #: Redis went away and the node has not begun to rejoin: its own state is not queued.
+        self._apart = False
 
     # ------------------------------------------------------------------ the engine's side
 
+    def _queue_state(self, *op: str) -> None:
+        """Queue a change of this node's own state in Redis (a route, a registry entry), for the
+        sender. Not while apart from Redis: the rejoin writes the whole state as it is then, so
+        nothing grows with what clients do while Redis is away."""
+        if self._running and not self._apart:
+            self._ops.append(op)
+            self._wake.set()
+
     def subscribed(self, topic_filter: str) -> None:
         """A local subscription to ``topic_filter`` (its route appears with the first)."""
-        route = topic_filter  # a shared subscription's route is kept whole: $share/{group}/{filter}
-        if self.local.add(route) and self._running:
-            self._ops.append(("add", route))
-            self._wake.set()
+        # A shared subscription's route is kept whole: $share/{group}/{filter}.
+        if self.local.add(topic_filter):
+            self._queue_state("add", topic_filter)
 
     def unsubscribed(self, topic_filter: str) -> None:
         """A local subscription went (its route goes with the last)."""
-        route = topic_filter
-        if self.local.remove(route) and self._running:
-            self._ops.append(("del", route))
-            self._wake.set()
+        if self.local.remove(topic_filter):
+            self._queue_state("del", topic_filter)
 
     def forward(self, message: Message, local_groups: Iterable[str] = ()) -> tuple[int, set[str]]:
         """Queue ``message`` for the other nodes with a matching route (every live node, for a
@@ -322,15 +329,12 @@ class ClusterNode(EngineHooks):
 
     def connected(self, view: SessionView) -> None:
         """An engine hook: a local client was admitted (registered cluster-wide)."""
-        if self._running:
-            self._ops.append(("client+", view.client_id, json.dumps(self._describe(view))))
-            self._wake.set()
+        if self._running and not self._apart:
+            self._queue_state("client+", view.client_id, json.dumps(self._describe(view)))
 
     def disconnected(self, view: SessionView, reason: str) -> None:
         """An engine hook: a local client's connection ended (unregistered, if still ours)."""
-        if self._running:
-            self._ops.append(("client-", view.client_id))
-            self._wake.set()
+        self._queue_state("client-", view.client_id)
 
     # ------------------------------------------------------------------ cluster-wide views
 
@@ -369,15 +373,11 @@ class ClusterNode(EngineHooks):
 
     def session_started(self, client_id: str) -> None:
         """This node holds the session of ``client_id`` now (so a CONNECT elsewhere claims it)."""
-        if self._running:
-            self._ops.append(("session+", client_id))
-            self._wake.set()
+        self._queue_state("session+", client_id)
 
     def session_ended(self, client_id: str) -> None:
         """This node no longer holds it."""
-        if self._running:
-            self._ops.append(("session-", client_id))
-            self._wake.set()
+        self._queue_state("session-", client_id)
 
     async def claim(self, client_id: str, discard: bool) -> StoredSession | None:
         """If another node holds the session of ``client_id``, have it close the client's
@@ -838,7 +838,7 @@ class ClusterNode(EngineHooks):
                 self.settings.redis.url,
                 why,
             )
-            self._rejoin = True
+            self._rejoin = self._apart = True
 
     async def _recover(self) -> None:
         """After a failure: wait, then rejoin if Redis answers (raises again if not). One task
@@ -846,7 +846,12 @@ class ClusterNode(EngineHooks):
         await asyncio.sleep(RETRY_DELAY)
         async with self._joining:
             if self._rejoin:
-                await self._join()
+                self._apart = False  # from here on, changes are queued again (kept by _join)
+                try:
+                    await self._join()
+                except BaseException:
+                    self._apart = True
+                    raise
                 self._rejoin = False
         self._set_up(True)
 

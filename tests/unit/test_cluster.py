@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from broker.cluster import wire
@@ -131,3 +133,28 @@ def test_a_session_round_trips_through_its_wire_form() -> None:
     assert wire.decode_session(wire.encode_session(session)) == session
     with pytest.raises(wire.WireError):
         wire.decode_session(b'{"client_id": 1}')
+
+
+def test_nothing_of_the_nodes_own_state_is_queued_while_apart_from_redis() -> None:
+    from types import SimpleNamespace
+
+    from broker.cluster.node import ClusterNode
+    from broker.settings import ClusterSettings
+
+    node = ClusterNode(ClusterSettings(enable=True), "n", lambda entries: None, lambda: 0.0)
+    node._running = True
+    view: Any = SimpleNamespace(client_id="c")
+    node._apart = True  # Redis went away: the rejoin will write the whole state
+    for _ in range(1000):
+        node.subscribed("a/#")
+        node.connected(view)
+        node.session_started("c")
+        node.session_ended("c")
+        node.disconnected(view, "client_disconnect")
+        node.unsubscribed("a/#")
+    assert node._ops == []
+    node.subscribed("b/#")
+    assert list(node.local) == ["b/#"]  # the local routes are kept: the rejoin writes them
+    node._apart = False
+    node.subscribed("c/#")
+    assert node._ops == [("add", "c/#")]
